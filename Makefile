@@ -1,0 +1,28 @@
+# Two commands for a fresh clone: `make demo` and `make test`. Both install what is missing first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= runs/demo
+
+.PHONY: demo test test-fast install clean-demo
+
+$(VENV)/.installed-sample: pyproject.toml tools/setup_env.sh
+	bash tools/setup_env.sh $(VENV) sample
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml tools/setup_env.sh
+	bash tools/setup_env.sh $(VENV) test
+	touch $@ $(VENV)/.installed-sample
+
+install: $(VENV)/.installed-sample
+
+demo: $(VENV)/.installed-sample
+	$(PY) -m dailymae_jax.main --config=configs/mae_demo.py --workdir=$(WORKDIR)
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -q
+
+test-fast: $(VENV)/.installed-test
+	$(PY) -m pytest -q -m "not slow"
+
+clean-demo:
+	rm -rf $(WORKDIR)

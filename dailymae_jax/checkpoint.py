@@ -1,0 +1,72 @@
+"""Checkpoints with orbax: the train state plus where the data stood, saved asynchronously and atomically.
+
+A checkpoint directory ``<workdir>/checkpoints/<step>/`` holds ``state`` (the TrainState pytree) and ``meta``
+(JSON: epoch, step in epoch, the config). orbax writes to a temporary directory and renames it on success,
+so a crash mid-save never leaves a checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPosition:
+    """Where the run stands in its data: the next batch to train on is (epoch, step_in_epoch)."""
+
+    epoch: int
+    step_in_epoch: int
+
+
+class Checkpointer:
+    """Saves and restores (TrainState, DataPosition, config) under ``<workdir>/checkpoints``."""
+
+    def __init__(self, workdir: str | Path, *, keep: int = 3, async_save: bool = True):
+        self.directory = Path(workdir).resolve() / "checkpoints"
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=async_save)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def path(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def save(self, step: int, state: Any, position: DataPosition, config: dict[str, Any]) -> None:
+        """Starts an asynchronous save; training continues while it is written."""
+        meta = {"epoch": position.epoch, "step_in_epoch": position.step_in_epoch, "config": config}
+        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                         meta=ocp.args.JsonSave(meta)), force=True)
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, DataPosition, dict[str, Any]]:
+        """Restores onto the shardings carried by ``abstract_state`` (any device count)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+        meta = restored.meta
+        return restored.state, DataPosition(meta["epoch"], meta["step_in_epoch"]), meta["config"]
+
+    def restore_meta(self, step: int | None = None) -> dict[str, Any]:
+        step = self.latest_step() if step is None else step
+        return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
+    """ShapeDtypeStructs that carry the target shardings, for restoring onto the current mesh."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract_state, shardings)

@@ -1,0 +1,107 @@
+"""Pure step functions: (state, batch) → (state, metrics). No sharding or device logic lives here."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from dailymae_jax import augment
+from dailymae_jax.train.state import TrainState
+
+Metrics = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainStepConfig:
+    """What one compiled pretraining step depends on besides the state and the batch."""
+
+    mask_ratio: float
+    patch: int
+    hflip: bool = True
+    grad_accum_steps: int = 1
+    probe_on_full_image: bool = False  # DailyMAE's probe: an extra encoder pass on the unmasked image
+
+
+def make_pretrain_step(model: nn.Module, probe: nn.Module, tx: optax.GradientTransformation,
+                       probe_tx: optax.GradientTransformation, lr_schedule: Callable[[jax.Array], jax.Array],
+                       cfg: PretrainStepConfig) -> Callable[[TrainState, jax.Array, jax.Array],
+                                                            tuple[TrainState, Metrics]]:
+    """Builds the MAE pretraining step for one resolution bucket (one mask ratio)."""
+
+    def mae_loss(params, images, noise):
+        out = model.apply({"params": params}, images, noise, cfg.mask_ratio)
+        return out.loss, out.patch_features
+
+    grad_fn = jax.value_and_grad(mae_loss, has_aux=True)
+
+    def accumulated_grads(params, images, noise):
+        """Mean loss and gradient over ``grad_accum_steps`` micro-batches, one at a time (less memory)."""
+        k = cfg.grad_accum_steps
+        if k == 1:
+            (loss, features), grads = grad_fn(params, images, noise)
+            return loss, features, grads
+
+        # Sample i·k + j goes to micro-batch j: each device keeps its own rows, so no data moves.
+        def split(x):
+            return jnp.swapaxes(x.reshape(x.shape[0] // k, k, *x.shape[1:]), 0, 1)
+
+        def body(carry, micro):
+            loss_sum, grad_sum = carry
+            (loss, features), grads = grad_fn(params, *micro)
+            return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), features
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (loss_sum, grad_sum), features = jax.lax.scan(body, (0.0, zeros), (split(images), split(noise)))
+        features = jnp.swapaxes(features, 0, 1).reshape(images.shape[0], -1)
+        # Every micro-batch masks the same number of patches per sample, so the mean of the micro-batch
+        # losses is the loss of the whole batch.
+        return loss_sum / k, features, jax.tree.map(lambda g: g / k, grad_sum)
+
+    def step(state: TrainState, images_u8: jax.Array, labels: jax.Array) -> tuple[TrainState, Metrics]:
+        rng = jax.random.fold_in(state.rng, state.step)
+        flip_rng, noise_rng = jax.random.split(rng)
+        # float32 here: the norm_pix target is computed from these; the model casts its own input.
+        images = augment.normalize(images_u8)
+        if cfg.hflip:
+            images = augment.random_flip(flip_rng, images)
+        num_patches = (images.shape[1] // cfg.patch) * (images.shape[2] // cfg.patch)
+        noise = jax.random.uniform(noise_rng, (images.shape[0], num_patches))
+
+        loss, features, grads = accumulated_grads(state.params, images, noise)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+
+        if cfg.probe_on_full_image:
+            _, features = model.apply({"params": state.params}, images, return_prenorm_mean=True,
+                                      method=model.encode)
+        features = jax.lax.stop_gradient(features)
+
+        def probe_loss(probe_params):
+            logits, new_stats = probe.apply({"params": probe_params, "batch_stats": state.probe_stats},
+                                            features, train=True, mutable=["batch_stats"])
+            ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return ce, (logits, new_stats["batch_stats"])
+
+        (probe_ce, (logits, probe_stats)), probe_grads = jax.value_and_grad(
+            probe_loss, has_aux=True)(state.probe_params)
+        probe_updates, probe_opt_state = probe_tx.update(probe_grads, state.probe_opt_state,
+                                                         state.probe_params)
+        new_state = state.replace(
+            step=state.step + 1, params=params, opt_state=opt_state,
+            probe_params=optax.apply_updates(state.probe_params, probe_updates),
+            probe_stats=probe_stats, probe_opt_state=probe_opt_state)
+        metrics = {
+            "loss": loss,
+            "lr": jnp.asarray(lr_schedule(state.step), jnp.float32),
+            "grad_norm": optax.global_norm(grads),
+            "probe_loss": probe_ce,
+            "probe_accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+        }
+        return new_state, metrics
+
+    return step

@@ -1,0 +1,54 @@
+"""Pictures of what the MAE sees and reconstructs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dailymae_jax import augment, report
+from dailymae_jax.model.mae import patchify, unpatchify
+
+
+def reconstruct(model: nn.Module, params, images_u8: np.ndarray, *, mask_ratio: float,
+                rng: jax.Array) -> dict[str, np.ndarray]:
+    """Runs the MAE on uint8 images; returns uint8 'original', 'masked', 'reconstruction', 'pasted'.
+
+    With norm_pix_loss the decoder predicts per-patch normalised pixels; they are mapped back with each
+    target patch's own mean and standard deviation, the inverse of the training target.
+    """
+    images = augment.normalize(jnp.asarray(images_u8))
+    n, h, w, _ = images.shape
+    p = model.patch
+    grid = (h // p, w // p)
+    noise = jax.random.uniform(rng, (n, grid[0] * grid[1]))
+    out = model.apply({"params": params}, images, noise, mask_ratio)
+    pred = out.pred.astype(jnp.float32)
+    if model.norm_pix_loss:
+        target = patchify(images, p)
+        mean = target.mean(-1, keepdims=True)
+        std = jnp.sqrt(target.var(-1, ddof=1, keepdims=True) + 1e-6)
+        pred = pred * std + mean
+    removed = out.mask[:, :, None]  # 1 = removed
+    patches = patchify(images, p)
+    as_image = lambda x: np.asarray(augment.denormalize(unpatchify(x, p, *grid)))
+    gray = jnp.zeros_like(patches)  # 0 in normalised space: the dataset's mean colour
+    return {
+        "original": np.asarray(images_u8),
+        "masked": as_image(jnp.where(removed, gray, patches)),
+        "reconstruction": as_image(pred),
+        "pasted": as_image(jnp.where(removed, pred, patches)),
+    }
+
+
+def save_reconstructions(path: str | Path, model: nn.Module, params, images_u8: np.ndarray, *,
+                         mask_ratio: float, rng: jax.Array) -> Path:
+    """Writes the reconstruction grid (original | masked | reconstruction | pasted) as a PNG."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pictures = reconstruct(model, params, images_u8, mask_ratio=mask_ratio, rng=rng)
+    report.save_png(path, report.reconstruction_grid(**pictures))
+    return path

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Creates (or completes) the virtual environment that `make demo` and `make test` use. Idempotent: every
+# step checks first and does nothing when its part is already there.
+#
+#   bash tools/setup_env.sh [VENV_DIR] [EXTRAS]      (defaults: .venv and "sample")
+#
+# 1. OS packages that ffcv 1.0.2 needs to build from source: pkg-config, a C++ compiler, and the OpenCV and
+#    libturbojpeg headers (apt-get, as root or through sudo; skipped when pkg-config already finds them).
+# 2. A CPU build of torch before anything else: ffcv imports torch everywhere, and letting pip resolve a
+#    bare "torch" would pull a multi-GB CUDA build onto a CPU-only machine. Override with TORCH_SPEC.
+# 3. The package itself, editable, with the requested extras.
+set -euo pipefail
+venv=${1:-.venv}
+extras=${2:-sample}
+torch_spec=${TORCH_SPEC:-torch==2.13.0}
+
+need_os=()
+command -v pkg-config >/dev/null || need_os+=(pkg-config)
+command -v g++ >/dev/null || need_os+=(g++)
+pkg-config --exists opencv4 2>/dev/null || need_os+=(libopencv-dev)
+pkg-config --exists libturbojpeg 2>/dev/null || need_os+=(libturbojpeg0-dev)
+if ((${#need_os[@]})); then
+  echo "setup: installing OS packages: ${need_os[*]}"
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need_os[@]}" >/dev/null
+fi
+
+if [ ! -x "$venv/bin/python" ]; then
+  echo "setup: creating $venv"
+  python3 -m venv "$venv"
+fi
+pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
+  echo "setup: installing $torch_spec (CPU build on machines without a GPU)"
+  "${pip[@]}" install "$torch_spec"
+fi
+echo "setup: installing dailymae_jax[$extras]"
+"${pip[@]}" install -e ".[$extras]"
