@@ -20,9 +20,10 @@ from typing import Iterator, Sequence
 
 import jax
 import numpy as np
-from ffcv.fields.decoders import IntDecoder, RandomResizedCropRGBImageDecoder
+from ffcv.fields.decoders import IntDecoder
 from ffcv.loader import Loader, OrderOption
 
+from dailymae_jax.data.decode import SeededRandomResizedCrop
 from dailymae_jax.data.shard import BatchSharding
 from dailymae_jax.train.schedule import Stage, stage_at
 
@@ -83,7 +84,7 @@ class _FixedOrder:
 
 
 def build_ffcv_loader(beton: str | Path, *, resolution: int, local_batch: int, num_workers: int,
-                      crop: CropSpec, epoch_indices: np.ndarray) -> Loader:
+                      crop: CropSpec, epoch_indices: np.ndarray, seed: int) -> Loader:
     """An ffcv Loader that decodes random crops at ``resolution`` for whatever order we hand it.
 
     ``epoch_indices`` must be a whole epoch's share: ffcv fixes the loader's length from it.
@@ -92,8 +93,8 @@ def build_ffcv_loader(beton: str | Path, *, resolution: int, local_batch: int, n
         str(beton), batch_size=local_batch, num_workers=num_workers, order=OrderOption.SEQUENTIAL,
         drop_last=True, indices=epoch_indices, batches_ahead=2,
         pipelines={
-            "image": [RandomResizedCropRGBImageDecoder((resolution, resolution), scale=crop.scale,
-                                                       ratio=crop.ratio)],
+            "image": [SeededRandomResizedCrop((resolution, resolution), scale=crop.scale, ratio=crop.ratio,
+                                              seed=seed)],
             "label": [IntDecoder()],
         })
     loader.traversal_order = _FixedOrder(epoch_indices)
@@ -133,7 +134,8 @@ class TrainLoader:
         for resolution in sorted({s.resolution for s in self.stages}):
             start = time.perf_counter()
             loader = build_ffcv_loader(beton, resolution=resolution, local_batch=order.local_batch,
-                                       num_workers=num_workers, crop=crop, epoch_indices=epoch_indices)
+                                       num_workers=num_workers, crop=crop, epoch_indices=epoch_indices,
+                                       seed=order.seed)
             loader.traversal_order = _FixedOrder(epoch_indices[:order.local_batch])
             iterator = iter(loader)
             next(iterator)  # compiles the numba pipeline for this bucket

@@ -66,7 +66,8 @@ def unpatchify(patches: jax.Array, patch: int, grid_h: int, grid_w: int) -> jax.
 
 
 def num_visible(num_patches: int, mask_ratio: float) -> int:
-    """How many tokens survive masking (MAE's int(L * (1 - ratio)))."""
+    """How many tokens survive masking: MAE's int(L * (1 - ratio)), float truncation included
+    (e.g. L=50, ratio=0.9 keeps 4, not 5). ``mask_ratio`` must be a Python float, not traced."""
     return int(num_patches * (1 - mask_ratio))
 
 

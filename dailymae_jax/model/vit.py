@@ -188,8 +188,10 @@ class Block(nn.Module):
                 return branch
             return drop_path(branch, self.drop_path, self.make_rng("dropout"))
 
-        x = x + residual(Attention(self.width, self.heads, name="attn", **kw)(layer_norm("norm1", **kw)(x)))
-        x = x + residual(Mlp(int(self.width * self.mlp_ratio), name="mlp", **kw)(layer_norm("norm2", **kw)(x)))
+        attn = Attention(self.width, self.heads, name="attn", **kw)
+        mlp = Mlp(int(self.width * self.mlp_ratio), name="mlp", **kw)
+        x = x + residual(attn(layer_norm("norm1", **kw)(x)))
+        x = x + residual(mlp(layer_norm("norm2", **kw)(x)))
         return x
 
 
@@ -210,7 +212,7 @@ def prepend_cls(cls_token: jax.Array, x: jax.Array) -> jax.Array:
 
 def drop_path_rates(rate: float, depth: int) -> list[float]:
     """Stochastic-depth rate rising linearly from 0 to ``rate`` over the blocks (timm)."""
-    return [float(r) for r in np.linspace(0.0, rate, depth)] if depth else []
+    return [float(r) for r in np.linspace(0.0, rate, depth)]
 
 
 class VisionTransformer(nn.Module):

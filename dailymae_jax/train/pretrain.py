@@ -6,6 +6,7 @@ It does not decode images, define the model or write files itself: each of those
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import time
@@ -27,7 +28,7 @@ from dailymae_jax.model.mae import MaskedAutoencoder, mae_from_size
 from dailymae_jax.model.probe import LinearProbe
 from dailymae_jax.train import compile as compile_lib
 from dailymae_jax.train import schedule as schedule_lib
-from dailymae_jax.train.state import (TrainState, create_state, make_optimizer, make_probe_optimizer,
+from dailymae_jax.train.state import (create_state, init_state, make_optimizer, make_probe_optimizer,
                                       parameter_count)
 from dailymae_jax.train.steps import PretrainStepConfig, make_pretrain_step
 
@@ -98,17 +99,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     probe_tx = make_probe_optimizer(config.probe.learning_rate)
     first = stages[0]
 
-    def init(rng: jax.Array) -> TrainState:
-        init_rng, probe_rng, run_rng = jax.random.split(rng, 3)
-        grid = first.resolution // model.patch
-        images = jnp.zeros((1, first.resolution, first.resolution, 3), jnp.float32)
-        params = model.init(init_rng, images, jnp.zeros((1, grid * grid)), first.mask_ratio)["params"]
-        probe_vars = probe.init(probe_rng, jnp.zeros((2, model.width)), train=False)
-        return TrainState(step=jnp.zeros((), jnp.int32), rng=run_rng, params=params,
-                          opt_state=tx.init(params), probe_params=probe_vars["params"],
-                          probe_stats=probe_vars["batch_stats"],
-                          probe_opt_state=probe_tx.init(probe_vars["params"]))
-
+    init = functools.partial(init_state, model=model, probe=probe, tx=tx, probe_tx=probe_tx,
+                             resolution=first.resolution, mask_ratio=first.mask_ratio)
     state, state_shardings = create_state(init, jax.random.PRNGKey(config.seed), mesh)
     abstract_state = abstract_with_shardings(jax.eval_shape(lambda: state), state_shardings)
 

@@ -48,6 +48,23 @@ def make_probe_optimizer(learning_rate: float) -> optax.GradientTransformation:
     return optax.adam(learning_rate)
 
 
+def init_state(rng: jax.Array, *, model: Any, probe: Any, tx: optax.GradientTransformation,
+               probe_tx: optax.GradientTransformation, resolution: int, mask_ratio: float) -> TrainState:
+    """A fresh state: MAE and probe initialised from ``rng``, optimizers zeroed, step 0.
+
+    Parameter shapes do not depend on the resolution (the position tables are not parameters), so one
+    state serves every bucket of the schedule.
+    """
+    init_rng, probe_rng, run_rng = jax.random.split(rng, 3)
+    grid = resolution // model.patch
+    images = jnp.zeros((1, resolution, resolution, 3), jnp.float32)
+    params = model.init(init_rng, images, jnp.zeros((1, grid * grid)), mask_ratio)["params"]
+    probe_vars = probe.init(probe_rng, jnp.zeros((2, model.width)), train=False)
+    return TrainState(step=jnp.zeros((), jnp.int32), rng=run_rng, params=params, opt_state=tx.init(params),
+                      probe_params=probe_vars["params"], probe_stats=probe_vars["batch_stats"],
+                      probe_opt_state=probe_tx.init(probe_vars["params"]))
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 

@@ -98,7 +98,7 @@ def make_pretrain_step(model: nn.Module, probe: nn.Module, tx: optax.GradientTra
         metrics = {
             "loss": loss,
             "lr": jnp.asarray(lr_schedule(state.step), jnp.float32),
-            "grad_norm": optax.global_norm(grads),
+            "grad_norm": optax.tree.norm(grads),
             "probe_loss": probe_ce,
             "probe_accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
         }

@@ -72,7 +72,7 @@ def test_patch_embed_is_linear_on_patchify(variables):
 # ---- masking --------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("length,ratio,keep", [(196, 0.75, 49), (16, 0.75, 4), (16, 0.5, 8), (10, 0.0, 10),
-                                               (50, 0.9, 5)])
+                                               (50, 0.9, 4)])  # 50 * (1 - 0.9) = 4.999..., as in MAE
 def test_masking_keeps_smallest_noise(length, ratio, keep):
     rng = np.random.default_rng(length)
     x = rng.standard_normal((3, length, 4)).astype(np.float32)
@@ -214,12 +214,13 @@ def test_mae_base_param_counts():
     model = mae_from_size("base")
     images = jnp.zeros((1, 224, 224, 3))
     noise = jnp.zeros((1, 196))
-    params = jax.eval_shape(model.init, jax.random.key(0), images, noise, 0.75)["params"]
+    # mask_ratio is static: close over it rather than let eval_shape trace it.
+    params = jax.eval_shape(lambda k, x, n: model.init(k, x, n, 0.75), jax.random.key(0), images, noise)["params"]
     enc = _count(encoder_params(params))
     assert enc == 85_798_656 - 197 * 768  # timm ViT-B/16 minus its (learned) pos_embed
     d, dd, p3 = 768, 512, 16 * 16 * 3
     block = 12 * dd * dd + 13 * dd  # qkv 3d^2+3d, proj d^2+d, fc1 4d^2+4d, fc2 4d^2+d, 2 LNs 4d
     decoder = (d * dd + dd) + dd + 8 * block + 2 * dd + (dd * p3 + p3)
     assert _count(params) - enc == decoder
-    out = jax.eval_shape(model.apply, {"params": params}, images, noise, 0.75)
+    out = jax.eval_shape(lambda v, x, n: model.apply(v, x, n, 0.75), {"params": params}, images, noise)
     assert out.pred.shape == (1, 196, p3) and out.patch_features.shape == (1, d)
