@@ -23,10 +23,23 @@ class DataPosition:
     step_in_epoch: int
 
 
+def _save_from_one_replica() -> None:
+    """Makes orbax write replicated arrays from their first replica.
+
+    orbax's default, replica-parallel saving, slices every replicated array into one piece per device with
+    small jitted ops, compiled at the first save: that is a burst of compilations in the middle of training
+    (one per parameter shape and device). Our state is replicated over the data axis, so one replica per
+    array is the natural writer.
+    """
+    ocp.type_handlers.register_type_handler(
+        jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
+
+
 class Checkpointer:
     """Saves and restores (TrainState, DataPosition, config) under ``<workdir>/checkpoints``."""
 
     def __init__(self, workdir: str | Path, *, keep: int = 3, async_save: bool = True):
+        _save_from_one_replica()
         self.directory = Path(workdir).resolve() / "checkpoints"
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)

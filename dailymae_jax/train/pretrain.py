@@ -110,6 +110,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
         state, position, _ = checkpointer.restore(abstract_state)
         log.info("resumed from %s at epoch %d, step %d of the epoch", checkpointer.path(int(state.step)),
                  position.epoch, position.step_in_epoch)
+        if position.epoch >= epochs and (workdir / "summary.json").exists():
+            log.info("%s already finished its %d steps; keeping its summary.json", workdir, total_steps)
+            checkpointer.close()
+            return json.loads((workdir / "summary.json").read_text())
 
     loader = TrainLoader(beton, stages=stages, order=order, sharding=sharding,
                          num_workers=config.data.num_workers,
@@ -139,9 +143,6 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
                                         position, epochs, steps_per_epoch, config_dict)
     checkpointer.close()
     writer.close()
-    if stats.steps == 0 and (workdir / "summary.json").exists():
-        log.info("%s already finished its %d steps; keeping its summary.json", workdir, total_steps)
-        return json.loads((workdir / "summary.json").read_text())
 
     summary = {
         "steps": int(state.step),

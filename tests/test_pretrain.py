@@ -1,0 +1,99 @@
+"""End to end through the command line: sample .beton → loader → sharded compiled MAE steps → orbax
+checkpoints → PyTorch export → reconstruction PNG; and the same run on 8 simulated devices."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+# The demo recipe, shrunk to ~1 minute: 112 training images, batch 16 → 7 steps/epoch, 8 epochs = 56 steps,
+# palindrome 128 → 96 → 128 starting at epochs 0, 3 and 5.
+SMALL = ["--config.data.sample_num_images=140", "--config.data.global_batch_size=16",
+         "--config.train.epochs=8", "--config.train.log_every_steps=1", "--config.checkpoint.every_steps=20"]
+
+
+def run_main(workdir, sample_dir, *extra, devices=1, check=True):
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    cmd = [sys.executable, "-m", "dailymae_jax.main", "--config=configs/mae_demo.py", f"--workdir={workdir}",
+           f"--config.data.sample_dir={sample_dir}", *SMALL, *extra]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def step_losses(workdir):
+    rows = [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+    return np.array([row["loss"] for row in rows]), [row["step"] for row in rows]
+
+
+@pytest.fixture(scope="module")
+def one_device_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    result = run_main(root / "run1", root / "sample")
+    return root, result
+
+
+@pytest.mark.slow
+def test_demo_pipeline_end_to_end(one_device_run):
+    root, result = one_device_run
+    workdir = root / "run1"
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["steps"] == 56 and summary["device_count"] == 1
+    assert summary["final_loss"] < 0.85 * summary["initial_loss"]
+    assert summary["compilations_during_training"] == 0
+    assert [(s["start_epoch"], s["resolution"]) for s in summary["stages"]] == [(0, 128), (3, 96), (5, 128)]
+    assert len(summary["stage_switches"]) == 2
+    assert all(s["seconds"] < 0.1 for s in summary["stage_switches"])
+    assert summary["images_per_second"] > 0
+    assert Path(summary["last_checkpoint"]).name == "56" and Path(summary["last_checkpoint"]).is_dir()
+    # Reports: metrics per step with the documented keys, TensorBoard events, config.json.
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, 57))
+    assert {"loss", "lr", "grad_norm", "images_per_second", "probe_accuracy", "resolution", "mask_ratio"} <= set(rows[0])
+    assert {r["resolution"] for r in rows if 21 < r["step"] <= 35} == {96}
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert json.loads((workdir / "config.json").read_text())["train"]["epochs"] == 8
+    # The reconstruction grid: 8 rows of 4 pictures of 128 px, with real content.
+    png = np.asarray(Image.open(summary["reconstruction"]))
+    assert png.shape == (8 * 130 + 2, 4 * 130 + 2, 3) and png.std() > 20
+    # Exports in both layouts and file types, announced on stdout.
+    for name in ("mae.pth", "mae.safetensors", "timm.pth", "timm.safetensors"):
+        assert Path(summary["exports"][name]).stat().st_size > 1_000_000
+        assert f"exported {name}:" in result.stdout
+
+
+@pytest.mark.slow
+def test_finished_workdir_is_resumed_not_retrained(one_device_run):
+    root, _ = one_device_run
+    before = (root / "run1" / "summary.json").read_text()
+    result = run_main(root / "run1", root / "sample")
+    assert "56 steps" in result.stdout
+    assert (root / "run1" / "summary.json").read_text() == before
+
+
+@pytest.mark.slow
+def test_eight_devices_give_the_same_loss_curve(one_device_run):
+    root, _ = one_device_run
+    run_main(root / "run8", root / "sample", devices=8)
+    summary = json.loads((root / "run8" / "summary.json").read_text())
+    assert summary["device_count"] == 8 and summary["compilations_during_training"] == 0
+    one, steps_one = step_losses(root / "run1")
+    eight, steps_eight = step_losses(root / "run8")
+    assert steps_one == steps_eight and len(steps_one) >= 50
+    np.testing.assert_allclose(eight[:50], one[:50], rtol=1e-3)
+
+
+def test_bad_config_is_one_line_and_exit_code_2(tmp_path):
+    result = run_main(tmp_path / "run", tmp_path / "sample", "--config.schedule.stages=((0, 100, 0.75),)",
+                      check=False)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("config error:")]
+    assert len(errors) == 1 and "schedule.stages" in errors[0] and "patch size 16" in errors[0]
