@@ -19,7 +19,8 @@ MODEL = MaskedAutoencoder(width=32, depth=2, heads=2, patch=16, decoder_width=32
                           decoder_heads=2)
 
 
-def build(*, lr=1e-3, weight_decay=0.05, grad_accum_steps=1, mask_ratio=0.75, hflip=True):
+def build(*, lr=1e-3, weight_decay=0.05, grad_accum_steps=1, mask_ratio=0.75, hflip=True,
+          probe_on_full_image=False):
     probe = LinearProbe(num_classes=8)
     schedule = optax.constant_schedule(lr)
     tx = make_optimizer(learning_rate=schedule, weight_decay=weight_decay, b1=0.9, b2=0.95)
@@ -28,7 +29,8 @@ def build(*, lr=1e-3, weight_decay=0.05, grad_accum_steps=1, mask_ratio=0.75, hf
                              mask_ratio=mask_ratio)
     state, _ = create_state(init, jax.random.PRNGKey(0), make_mesh())
     step = make_pretrain_step(MODEL, probe, tx, probe_tx, schedule, PretrainStepConfig(
-        mask_ratio=mask_ratio, patch=16, hflip=hflip, grad_accum_steps=grad_accum_steps))
+        mask_ratio=mask_ratio, patch=16, hflip=hflip, grad_accum_steps=grad_accum_steps,
+        probe_on_full_image=probe_on_full_image))
     return state, jax.jit(step)
 
 
@@ -96,6 +98,18 @@ def test_gradient_accumulation_matches_one_big_batch(photo_batch):
     # Adam's first moment after one step is (1 − b1)·g: the accumulated gradient itself, leaf by leaf.
     for a, b in zip(jax.tree.leaves(accum.opt_state[0].mu), jax.tree.leaves(whole.opt_state[0].mu)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_probe_on_the_full_image_reads_other_features(photo_batch, built):
+    """DailyMAE's probe (extra pass on the unmasked image) trains on different features than the free one."""
+    images, labels = jnp.asarray(photo_batch), jnp.arange(8, dtype=jnp.int32)
+    state, step_visible = built
+    _, step_full = build(probe_on_full_image=True)
+    after_visible, m_visible = step_visible(state, images, labels)
+    after_full, m_full = step_full(state, images, labels)
+    assert float(m_full["loss"]) == float(m_visible["loss"])  # the MAE step itself is unchanged
+    assert float(m_full["probe_loss"]) != float(m_visible["probe_loss"])
+    assert np.isfinite(float(m_full["probe_loss"]))
 
 
 def test_compilation_counter_counts_new_executables_only():
