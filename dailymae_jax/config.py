@@ -54,14 +54,19 @@ def stages(config: ml_collections.ConfigDict) -> tuple[Stage, ...]:
     return result
 
 
-def validate(config: ml_collections.ConfigDict, *, device_count: int) -> None:
-    """Everything that can be checked before data is read or a step compiled."""
+def validate(config: ml_collections.ConfigDict, *, device_count: int | None = None) -> None:
+    """Everything that can be checked before data is read or a step compiled.
+
+    Without ``device_count`` (before JAX has started its backends) the batch is checked against nothing but
+    itself; the run checks it again against the mesh.
+    """
     if config.task not in TASKS:
         raise ConfigError(f"task: unknown task {config.task!r}; allowed: {', '.join(TASKS)}")
     if not config.data.train_path and not config.data.sample_dir:
         raise ConfigError("data.train_path: missing; give a .beton file (tools/write_dataset.py makes one) "
                           "or set data.sample_dir to build the sample dataset")
     batch = config.data.global_batch_size
+    device_count = device_count or 1
     if batch <= 0 or batch % device_count:
         raise ConfigError(f"data.global_batch_size {batch} is not divisible by the device count {device_count}; "
                           f"allowed: positive multiples of {device_count}")

@@ -28,11 +28,12 @@ def main(argv: list[str]) -> None:
     for noisy in ("absl", "jax._src", "orbax", "numba"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from dailymae_jax.config import ConfigError
+    from dailymae_jax.config import ConfigError, validate
     from dailymae_jax.train import pretrain
 
     config = _CONFIG.value
     try:
+        validate(config)  # before any data is written or compiled
         pretrain.train_beton(config)  # builds the sample data, if asked, before JAX starts threads
         summary = pretrain.run(config, _WORKDIR.value)
     except ConfigError as error:
