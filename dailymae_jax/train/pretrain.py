@@ -143,6 +143,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
                                         position, epochs, steps_per_epoch, config_dict)
     checkpointer.close()
     writer.close()
+    last_step = checkpointer.latest_step()
 
     summary = {
         "steps": int(state.step),
@@ -159,8 +160,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
         "process_count": jax.process_count(),
         "global_batch_size": batch,
         "parameters": parameter_count(state.params),
-        "last_checkpoint": str(checkpointer.path(checkpointer.latest_step()))
-        if checkpointer.latest_step() is not None else None,
+        "last_checkpoint": str(checkpointer.path(last_step)) if last_step is not None else None,
     }
     if is_main:
         if last_batch is not None:
