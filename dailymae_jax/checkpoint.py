@@ -2,14 +2,16 @@
 
 A checkpoint directory ``<workdir>/checkpoints/<step>/`` holds ``state`` (the TrainState pytree) and ``meta``
 (JSON: epoch, step in epoch, the config). orbax writes to a temporary directory and renames it on success,
-so a crash mid-save never leaves a checkpoint that looks complete.
+so a crash mid-save never leaves a checkpoint that looks complete. A save that fails (a full disk, say) raises
+``CheckpointSaveError`` naming the step and the last complete checkpoint, which stays intact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import orbax.checkpoint as ocp
@@ -35,14 +37,22 @@ def _save_from_one_replica() -> None:
         jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
 
 
+class CheckpointSaveError(OSError):
+    """Writing a checkpoint failed; earlier checkpoints are untouched."""
+
+
 class Checkpointer:
     """Saves and restores (TrainState, DataPosition, config) under ``<workdir>/checkpoints``."""
 
     def __init__(self, workdir: str | Path, *, keep: int = 3, async_save: bool = True):
         _save_from_one_replica()
         self.directory = Path(workdir).resolve() / "checkpoints"
+        # cleanup_tmp_directories: a save that died half-written (kill -9, full disk) leaves a *-tmp directory;
+        # the next run removes it rather than letting it fill the disk.
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                               enable_async_checkpointing=async_save)
+                                               enable_async_checkpointing=async_save,
+                                               cleanup_tmp_directories=True)
+        self._saving: int | None = None
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
     def latest_step(self) -> int | None:
@@ -54,8 +64,10 @@ class Checkpointer:
     def save(self, step: int, state: Any, position: DataPosition, config: dict[str, Any]) -> None:
         """Starts an asynchronous save; training continues while it is written."""
         meta = {"epoch": position.epoch, "step_in_epoch": position.step_in_epoch, "config": config}
-        self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                         meta=ocp.args.JsonSave(meta)), force=True)
+        with self._reporting_failures():  # orbax raises a failed asynchronous save at the next call
+            self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                             meta=ocp.args.JsonSave(meta)), force=True)
+        self._saving = step
 
     def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, DataPosition, dict[str, Any]]:
         """Restores onto the shardings carried by ``abstract_state`` (any device count)."""
@@ -72,11 +84,28 @@ class Checkpointer:
         return self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Blocks until the last save is on disk; raises CheckpointSaveError if it failed."""
+        with self._reporting_failures():
+            self._manager.wait_until_finished()
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+    @contextlib.contextmanager
+    def _reporting_failures(self) -> Iterator[None]:
+        try:
+            yield
+        except Exception as error:
+            failed, self._saving = self._saving, None
+            self._manager.reload()  # forget the failed step; list what is complete on disk
+            last = self._manager.latest_step()
+            kept = f"the last complete checkpoint is {self.path(last)}" if last is not None else "no checkpoint kept"
+            detail = " ".join(str(error).split())[:300]
+            raise CheckpointSaveError(f"saving checkpoint {failed} in {self.directory} failed ({detail}); "
+                                      f"{kept}") from error
 
 
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:

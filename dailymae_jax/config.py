@@ -6,6 +6,7 @@ Every error is a ``ConfigError`` whose message is one line naming the key and wh
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -65,6 +66,9 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
     if not config.data.train_path and not config.data.sample_dir:
         raise ConfigError("data.train_path: missing; give a .beton file (tools/write_dataset.py makes one) "
                           "or set data.sample_dir to build the sample dataset")
+    if config.data.train_path and not Path(config.data.train_path).is_file():
+        raise ConfigError(f"data.train_path: no such file {config.data.train_path!r}; give a .beton file "
+                          "(tools/write_dataset.py makes one)")
     batch = config.data.global_batch_size
     device_count = device_count or 1
     if batch <= 0 or batch % device_count:

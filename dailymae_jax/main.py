@@ -7,8 +7,12 @@ again with the same workdir resumes from its last checkpoint.
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import importlib.util
 import logging
 import sys
+from typing import Any, NoReturn
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -28,8 +32,10 @@ def main(argv: list[str]) -> None:
     for noisy in ("absl", "jax._src", "orbax", "numba"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
+    from dailymae_jax.checkpoint import CheckpointSaveError
     from dailymae_jax.config import ConfigError, validate
     from dailymae_jax.train import pretrain
+    from dailymae_jax.train.guards import Interrupted, NonFiniteError
 
     config = _CONFIG.value
     try:
@@ -37,8 +43,14 @@ def main(argv: list[str]) -> None:
         pretrain.train_beton(config)  # builds the sample data, if asked, before JAX starts threads
         summary = pretrain.run(config, _WORKDIR.value)
     except ConfigError as error:
-        print(f"config error: {error}", file=sys.stderr)
-        sys.exit(2)
+        _fail(f"config error: {error}", 2)
+    except NonFiniteError as error:
+        _fail(f"error: {error}; nothing after it was checkpointed (lower train.base_lr, raise "
+              "train.warmup_epochs, or use model.dtype=float32), then run the same command to resume", 1)
+    except CheckpointSaveError as error:
+        _fail(f"error: {error}", 1)
+    except Interrupted as error:
+        _fail(str(error), error.exit_code)
     print(f"summary: {_WORKDIR.value}/summary.json — {summary['steps']} steps, loss "
           f"{summary['initial_loss']:.4f} → {summary['final_loss']:.4f}, "
           f"{summary['images_per_second']:.1f} img/s, {summary['compilations_during_training']} compilations "
@@ -49,8 +61,64 @@ def main(argv: list[str]) -> None:
         print(f"reconstructions: {summary['reconstruction']}")
 
 
+def _fail(message: str, exit_code: int) -> NoReturn:
+    print(message, file=sys.stderr)
+    sys.exit(exit_code)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with bad flags and unknown config keys reported in one line (exit code 2)."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as error:
+        _fail(f"flag error: {error}; see --help", 2)
+    except (AttributeError, KeyError, TypeError) as error:  # ml_collections: an override of a missing key
+        _fail(f"config error: {unknown_override(argv, error)}", 2)
+
+
+def unknown_override(argv: list[str], error: BaseException) -> str:
+    """One line naming the ``--config.<key>`` override that matches no field, with the nearest fields."""
+    config = None
+    config_file = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if config_file:
+        with contextlib.suppress(Exception):  # a config file that fails to load has its own error
+            config = _load_config_file(config_file)
+    if config is not None:
+        for arg in argv:
+            if arg.startswith("--config.") and "=" in arg:
+                missing = _missing_key(config, arg[len("--config."):].split("=", 1)[0])
+                if missing is not None:
+                    return missing
+    return "unknown override: " + " ".join(str(error).replace("\\n", " ").split())
+
+
+def _load_config_file(spec: str) -> Any:
+    """``get_config()`` of ``path[:argument]``, the way --config reads it."""
+    path, *argument = spec.split(":", 1)
+    module_spec = importlib.util.spec_from_file_location("_config_for_error_message", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(*argument)
+
+
+def _missing_key(config: Any, key: str) -> str | None:
+    node, walked = config, []
+    for part in key.split("."):
+        fields = list(node.keys()) if hasattr(node, "keys") else []
+        if part not in fields:
+            where = ".".join(walked) or "the config"
+            if not fields:
+                return f"--config.{key}: {where} is a value, not a group of fields"
+            near = difflib.get_close_matches(part, fields, n=3)
+            hint = f"; did you mean {', '.join('.'.join([*walked, n]) for n in near)}?" if near else ""
+            return (f"--config.{key}: {where} has no field {part!r}{hint} "
+                    f"(fields: {', '.join(sorted(fields))})")
+        node, walked = node[part], [*walked, part]
+    return None
+
+
 def run() -> None:
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

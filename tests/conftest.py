@@ -1,5 +1,8 @@
 """Shared fixtures: real photographs (the sample dataset's sources) and a small sample dataset on disk."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,3 +31,25 @@ def sample_beton(tmp_path_factory) -> Path:
     from dailymae_jax.data.prepare import sample_beton as build
 
     return build(tmp_path_factory.mktemp("sample"), num_images=140, seed=0)
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def main_command(workdir, *args, config: str = "configs/mae_demo.py") -> list[str]:
+    """The command line of a training run (the same one users type)."""
+    return [sys.executable, "-m", "dailymae_jax.main", f"--config={config}", f"--workdir={workdir}", *args]
+
+
+def cpu_env(devices: int = 1) -> dict[str, str]:
+    """Environment for a child run on ``devices`` simulated CPU devices."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def run_command(cmd: list[str], *, devices: int = 1, check: bool = True,
+                timeout: float = 900) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=REPO, env=cpu_env(devices), capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result

@@ -2,16 +2,14 @@
 checkpoints → PyTorch export → reconstruction PNG; and the same run on 8 simulated devices."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import main_command, run_command
+
 # The demo recipe, shrunk to ~1 minute: 112 training images, batch 16 → 7 steps/epoch, 8 epochs = 56 steps,
 # palindrome 128 → 96 → 128 starting at epochs 0, 3 and 5.
 SMALL = ["--config.data.sample_num_images=140", "--config.data.global_batch_size=16",
@@ -19,14 +17,8 @@ SMALL = ["--config.data.sample_num_images=140", "--config.data.global_batch_size
 
 
 def run_main(workdir, sample_dir, *extra, devices=1, check=True):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    cmd = [sys.executable, "-m", "dailymae_jax.main", "--config=configs/mae_demo.py", f"--workdir={workdir}",
-           f"--config.data.sample_dir={sample_dir}", *SMALL, *extra]
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
-    return result
+    return run_command(main_command(workdir, f"--config.data.sample_dir={sample_dir}", *SMALL, *extra),
+                       devices=devices, check=check)
 
 
 def step_losses(workdir):

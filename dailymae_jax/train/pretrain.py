@@ -5,6 +5,7 @@ It does not decode images, define the model or write files itself: each of those
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -27,6 +28,7 @@ from dailymae_jax.data.shard import BatchSharding, make_mesh
 from dailymae_jax.model.mae import MaskedAutoencoder, mae_from_size
 from dailymae_jax.model.probe import LinearProbe
 from dailymae_jax.train import compile as compile_lib
+from dailymae_jax.train import guards
 from dailymae_jax.train import schedule as schedule_lib
 from dailymae_jax.train.state import (create_state, init_state, make_optimizer, make_probe_optimizer,
                                       parameter_count)
@@ -138,9 +140,17 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
     counter = compile_lib.CompilationCounter()
     config_dict = config_lib.to_dict(config)
     last_batch = None
-    with counter:
-        state, last_batch = _train_loop(config, state, loader, executables, checkpointer, writer, stats,
-                                        position, epochs, steps_per_epoch, config_dict)
+    try:
+        with counter:
+            state, last_batch = _train_loop(config, state, loader, executables, checkpointer, writer, stats,
+                                            position, epochs, steps_per_epoch, config_dict)
+    except BaseException:
+        # Keep what is done: flush the metrics and let in-flight (finite) saves finish. The error that
+        # stopped the loop is the one to report, not a second one from closing.
+        writer.close()
+        with contextlib.suppress(Exception):
+            checkpointer.close()
+        raise
     checkpointer.close()
     writer.close()
     last_step = checkpointer.latest_step()
@@ -178,56 +188,74 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
 
 def _train_loop(config, state, loader, executables, checkpointer, writer, stats, position, epochs,
                 steps_per_epoch, config_dict):
-    """Runs the steps; returns the final state and the last batch seen."""
+    """Runs the steps; returns the final state and the last batch seen.
+
+    Raises NonFiniteError (naming the step) before a non-finite state can be checkpointed, and Interrupted
+    after saving a checkpoint when SIGTERM or SIGINT arrives.
+    """
     batch_size = config.data.global_batch_size
     log_every = config.train.log_every_steps
-    pending: list[dict[str, jax.Array]] = []
+    pending: list[dict[str, jax.Array]] = []  # metrics not yet logged
+    unchecked: list[tuple[int, dict[str, jax.Array]]] = []  # metrics not yet checked for NaN/inf
     current_bucket = None
     last = None
     window_start = loop_start = time.perf_counter()
     window_images = 0
     step_returned = time.perf_counter()
-    for batch in loader.batches(position.epoch, position.step_in_epoch, epochs):
-        stats.data_wait_seconds += time.perf_counter() - step_returned
-        bucket = batch.stage.bucket
-        switching = current_bucket is not None and bucket != current_bucket
-        state, metrics = executables[bucket](state, batch.images, batch.labels)
-        if switching:
-            # Host time between the previous stage's last step returning and this stage's first step being
-            # launched: fetching the new resolution's batch and picking its executable.
-            stats.stage_switches.append({"epoch": batch.epoch, "resolution": batch.stage.resolution,
-                                         "mask_ratio": batch.stage.mask_ratio,
-                                         "seconds": time.perf_counter() - step_returned})
-            log.info("stage switch at epoch %d → %d px, mask %.2f in %.1f ms", batch.epoch,
-                     batch.stage.resolution, batch.stage.mask_ratio, stats.stage_switches[-1]["seconds"] * 1e3)
-        current_bucket = bucket
-        last = batch
-        stats.steps += 1
-        stats.images += batch_size
-        window_images += batch_size
-        pending.append(metrics)
-        host_step = batch.epoch * steps_per_epoch + batch.step_in_epoch + 1  # no device sync needed
-        end_of_epoch = batch.step_in_epoch == steps_per_epoch - 1
-        if host_step % log_every == 0 or end_of_epoch:
-            fetched = jax.device_get(pending)
-            pending.clear()
-            losses = [float(m["loss"]) for m in fetched]
-            stats.losses.extend(losses)
-            elapsed = time.perf_counter() - window_start
-            row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-            row.update(images_per_second=window_images / elapsed, resolution=batch.stage.resolution,
-                       mask_ratio=batch.stage.mask_ratio, epoch=batch.epoch)
-            writer.write(host_step, row)
-            log.info("step %d epoch %d: loss %.4f lr %.2e probe acc %.3f %.0f img/s", host_step, batch.epoch,
-                     row["loss"], row["lr"], row["probe_accuracy"], row["images_per_second"])
-            window_start, window_images = time.perf_counter(), 0
-        if host_step % config.checkpoint.every_steps == 0 or end_of_epoch:
-            next_position = (DataPosition(batch.epoch + 1, 0) if end_of_epoch
-                             else DataPosition(batch.epoch, batch.step_in_epoch + 1))
-            checkpointer.save(host_step, state, next_position, config_dict)
-        step_returned = time.perf_counter()
+    with guards.SignalGuard() as signals:
+        for batch in loader.batches(position.epoch, position.step_in_epoch, epochs):
+            stats.data_wait_seconds += time.perf_counter() - step_returned
+            bucket = batch.stage.bucket
+            switching = current_bucket is not None and bucket != current_bucket
+            state, metrics = executables[bucket](state, batch.images, batch.labels)
+            if switching:
+                # Host time between the previous stage's last step returning and this stage's first step
+                # being launched: fetching the new resolution's batch and picking its executable.
+                stats.stage_switches.append({"epoch": batch.epoch, "resolution": batch.stage.resolution,
+                                             "mask_ratio": batch.stage.mask_ratio,
+                                             "seconds": time.perf_counter() - step_returned})
+                log.info("stage switch at epoch %d → %d px, mask %.2f in %.1f ms", batch.epoch,
+                         batch.stage.resolution, batch.stage.mask_ratio,
+                         stats.stage_switches[-1]["seconds"] * 1e3)
+            current_bucket = bucket
+            last = batch
+            stats.steps += 1
+            stats.images += batch_size
+            window_images += batch_size
+            host_step = batch.epoch * steps_per_epoch + batch.step_in_epoch + 1  # no device sync needed
+            pending.append(metrics)
+            unchecked.append((host_step, metrics))
+            end_of_epoch = batch.step_in_epoch == steps_per_epoch - 1
+            stop_signal = signals.signum  # read once: a signal may land anywhere in this block
+            logging_now = host_step % log_every == 0 or end_of_epoch
+            saving_now = host_step % config.checkpoint.every_steps == 0 or end_of_epoch or stop_signal
+            if logging_now or saving_now:
+                # Fetching waits for these steps, which a save would do anyway; logging cadence bounds how
+                # long a NaN can go unnoticed.
+                guards.check_finite(jax.device_get(unchecked))
+                unchecked.clear()
+            if logging_now:
+                fetched = jax.device_get(pending)
+                pending.clear()
+                stats.losses.extend(float(m["loss"]) for m in fetched)
+                elapsed = time.perf_counter() - window_start
+                row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                row.update(images_per_second=window_images / elapsed, resolution=batch.stage.resolution,
+                           mask_ratio=batch.stage.mask_ratio, epoch=batch.epoch)
+                writer.write(host_step, row)
+                log.info("step %d epoch %d: loss %.4f lr %.2e probe acc %.3f %.0f img/s", host_step,
+                         batch.epoch, row["loss"], row["lr"], row["probe_accuracy"], row["images_per_second"])
+                window_start, window_images = time.perf_counter(), 0
+            if saving_now:
+                next_position = (DataPosition(batch.epoch + 1, 0) if end_of_epoch
+                                 else DataPosition(batch.epoch, batch.step_in_epoch + 1))
+                checkpointer.save(host_step, state, next_position, config_dict)
+            if stop_signal:
+                checkpointer.wait()
+                raise guards.Interrupted(stop_signal, host_step, str(checkpointer.path(host_step)))
+            step_returned = time.perf_counter()
     if pending:
         stats.losses.extend(float(m["loss"]) for m in jax.device_get(pending))
+    guards.check_finite(jax.device_get(unchecked))
     stats.loop_seconds = time.perf_counter() - loop_start
     return state, last
-

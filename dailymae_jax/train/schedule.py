@@ -66,6 +66,9 @@ def preset_stages(name: str, *, epochs: int, base_resolution: int, patch: int,
     """
     if name not in PRESETS:
         raise ValueError(f"schedule.preset: unknown preset {name!r}; allowed: {', '.join(sorted(PRESETS))}")
+    if base_resolution <= 0 or base_resolution % patch:
+        raise ValueError(f"schedule.resolution {base_resolution} is not divisible by the patch size {patch}; "
+                         f"allowed: positive multiples of {patch}")
     if name == "linear":
         low = round_to_patch(base_resolution * _LOW, patch)
         resolutions = list(range(low, base_resolution + 1, patch))

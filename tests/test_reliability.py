@@ -1,0 +1,241 @@
+"""Faults during training: bad configs, non-finite numbers, signals, kill -9 and a full disk.
+
+Each test fails without the handling it checks: a config error would otherwise surface as a traceback (or
+not at all), a NaN would be checkpointed, SIGTERM would kill the run without a checkpoint, a resumed run
+would drift from an uninterrupted one, and a failed save would go unnoticed.
+"""
+
+import json
+import os
+import random
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from conftest import REPO, cpu_env, main_command, run_command
+
+# A tiny, single-bucket run: 112 training images, batch 16 → 7 steps per epoch, 4 epochs = 28 steps;
+# checkpoints at steps 5, 7, 10, 14, 15, 20, 21, 25 and 28 (every 5 steps and at each epoch's end).
+STEPS = 28
+
+
+def tiny_args(beton: Path, cache: Path) -> list[str]:
+    return [f"--config.data.train_path={beton}", "--config.data.global_batch_size=16", "--config.train.epochs=4",
+            "--config.train.log_every_steps=1", "--config.checkpoint.every_steps=5", "--config.checkpoint.keep=20",
+            "--config.schedule.preset=fixed", "--config.schedule.resolution=64",
+            f"--config.train.compilation_cache_dir={cache}"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, sample_beton):
+    """The uninterrupted reference run, plus what the other runs here share."""
+    root = tmp_path_factory.mktemp("reliability")
+    args = tiny_args(sample_beton, root / "jax_cache")
+    run_command(main_command(root / "reference", *args))
+    return root, args
+
+
+def final_weights(workdir: Path) -> dict[str, np.ndarray]:
+    return load_file(workdir / "export" / "mae.safetensors")
+
+
+def assert_same_final_weights(workdir: Path, reference: Path) -> None:
+    got, want = final_weights(workdir), final_weights(reference)
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def metric_steps(workdir: Path) -> list[int]:
+    path = workdir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def start_and_wait_for_step(cmd: list[str], workdir: Path, step: int, timeout: float = 600) -> subprocess.Popen:
+    """Starts a run and returns once its metrics log shows ``step`` (the process is still running)."""
+    process = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.monotonic() + timeout
+    while max(metric_steps(workdir), default=0) < step:
+        if process.poll() is not None:
+            raise AssertionError(f"run ended early with {process.returncode}: {process.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"step {step} not reached in {timeout} s")
+        time.sleep(0.05)
+    return process
+
+
+def checkpoint_steps(workdir: Path) -> list[int]:
+    directory = workdir / "checkpoints"
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
+
+
+def restore_params(checkpoint_dir: Path) -> dict[str, np.ndarray]:
+    """The params of a checkpoint, flattened, read with plain orbax (no model or config needed)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    state = ocp.StandardCheckpointer().restore(checkpoint_dir / "state")
+    return {jax.tree_util.keystr(path): np.asarray(leaf)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(state["params"])}
+
+
+# --- Configuration: one line, exit code 2, before anything is written or compiled -------------------------
+
+@pytest.mark.parametrize("args, devices, expected", [
+    (["--config.schedule.resolution=100"], 1, "patch size 16"),
+    (["--config.schedule.mask_ratio=1.0"], 1, "mask ratio 1.0 must lie in (0, 1)"),
+    (["--config.schedule.stages=((0, 128, 0.75), (0, 96, 0.75))"], 1, "strictly increasing"),
+    (["--config.schedule.stages=((0, 128, 0.75), (1, 100, 0.75))"], 1, "resolution 100 is not divisible"),
+    (["--config.data.global_batch_size=12"], 8, "data.global_batch_size 12 is not divisible by the device count 8"),
+    (["--config.train.epoch=3"], 1, "train has no field 'epoch'; did you mean train.epochs?"),
+    (["--config.data.train_path=/no/such/train.beton"], 1, "data.train_path: no such file"),
+], ids=["resolution", "mask-ratio", "stages", "stage-resolution", "batch-vs-devices", "unknown-key", "missing-data"])
+def test_bad_config_gives_one_line_and_exit_code_2(tmp_path, sample_beton, args, devices, expected):
+    workdir = tmp_path / "run"
+    # Two short epochs, so that a check that fails to fire costs seconds, not minutes.
+    base = ["--config.train.epochs=2", "--config.data.global_batch_size=16"] if devices == 1 else []
+    base += [f"--config.data.train_path={sample_beton}"] if "train_path" not in args[0] else []
+    result = run_command(main_command(workdir, *base, *args), devices=devices, check=False, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("config error:")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert not (workdir / "checkpoints").exists()
+
+
+def test_signal_guard_turns_sigint_into_a_flag():
+    from dailymae_jax.train.guards import SignalGuard
+
+    previous = signal.getsignal(signal.SIGINT)
+    with SignalGuard() as guard:
+        os.kill(os.getpid(), signal.SIGINT)  # without the guard: KeyboardInterrupt
+        time.sleep(0.01)
+        assert guard.signum == signal.SIGINT
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
+# --- Non-finite loss: stop naming the step; no non-finite checkpoint -------------------------------------
+
+POISON = textwrap.dedent("""
+    import sys
+    import jax, jax.numpy as jnp
+    from dailymae_jax.train import pretrain
+
+    real = pretrain.make_pretrain_step
+
+    def poisoned(*args, **kwargs):
+        step = real(*args, **kwargs)
+
+        def wrapped(state, images, labels):
+            state, metrics = step(state, images, labels)
+            scale = jnp.where(state.step == {at}, jnp.nan, 1.0)  # the step that produced state.step
+            state = state.replace(params=jax.tree.map(lambda p: p * scale, state.params))
+            return state, dict(metrics, loss=metrics["loss"] * scale)
+        return wrapped
+
+    pretrain.make_pretrain_step = poisoned
+    from dailymae_jax import main
+    sys.argv = {argv!r}
+    main.run()
+""")
+
+
+@pytest.mark.slow
+def test_nan_stops_the_run_and_keeps_only_finite_checkpoints(runs):
+    root, args = runs
+    workdir = root / "nan"
+    argv = main_command(workdir, *args)[2:]
+    argv[0] = "dailymae_jax.main"
+    result = run_command([sys.executable, "-c", POISON.format(at=9, argv=argv)], check=False)
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "error: loss is nan at step 9" in result.stderr.splitlines()[-1]
+    assert checkpoint_steps(workdir) == [5, 7]  # 10 and later were never written
+    for step in (5, 7):
+        params = restore_params(workdir / "checkpoints" / str(step))
+        assert all(np.isfinite(v).all() for v in params.values())
+        reference = restore_params(root / "reference" / "checkpoints" / str(step))
+        for key, value in reference.items():
+            np.testing.assert_array_equal(params[key], value, err_msg=key)
+    assert not (workdir / "summary.json").exists()
+
+
+# --- Signals and kill -9: resume to exactly the uninterrupted result -------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "kill-9"])
+def test_interrupted_run_resumes_to_the_same_parameters(runs, signum):
+    root, args = runs
+    workdir = root / f"interrupted-{signum}"
+    cmd = main_command(workdir, *args)
+    at = random.randint(6, 20)  # the property holds for any step; the kill lands at or a little after it
+    process = start_and_wait_for_step(cmd, workdir, step=at)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    if signum == signal.SIGTERM:
+        assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+        line = stderr.strip().splitlines()[-1]
+        assert line.startswith("stopped by SIGTERM after step ") and "run the same command to resume" in line
+        stopped_at = int(line.split("after step ")[1].split(";")[0])
+        assert stopped_at >= at and stopped_at in checkpoint_steps(workdir)
+    else:
+        assert process.returncode == -signal.SIGKILL
+    assert not (workdir / "summary.json").exists()
+
+    result = run_command(cmd)
+    assert f"{STEPS} steps" in result.stdout
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["steps"] == STEPS and summary["steps_this_run"] < STEPS
+    assert_same_final_weights(workdir, root / "reference")  # interrupted at step ≥ {at}
+
+
+# --- A full disk during a checkpoint save -----------------------------------------------------------------
+
+def _namespace_prefix() -> list[str] | None:
+    """A private mount namespace where we may mount a tmpfs (root, or an unprivileged user namespace)."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return None
+    prefix = [unshare, "-m"] if os.geteuid() == 0 else [unshare, "-rm"]
+    probe = subprocess.run([*prefix, "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"], capture_output=True)
+    return prefix if probe.returncode == 0 else None
+
+
+@pytest.mark.slow
+def test_full_disk_during_a_save_keeps_the_previous_checkpoint(runs):
+    root, args = runs
+    prefix = _namespace_prefix()
+    if prefix is None:
+        pytest.skip("cannot mount a size-limited tmpfs here (needs root or unprivileged user namespaces)")
+    checkpoint_bytes = sum(f.stat().st_size for f in (root / "reference" / "checkpoints" / "5").rglob("*")
+                           if f.is_file())
+    workdir = root / "full-disk"
+    (workdir / "checkpoints").mkdir(parents=True)
+    # Room for one checkpoint and a half: step 5 is saved, step 7 runs out of space. Everything the test
+    # inspects is copied out before the namespace (and its tmpfs) goes away.
+    script = (f"mount -t tmpfs -o size={int(checkpoint_bytes * 1.5)} tmpfs {workdir / 'checkpoints'} && "
+              f"{shlex.join(map(str, main_command(workdir, *args)))}; rc=$?; "
+              f"cp -a {workdir / 'checkpoints'} {workdir / 'kept'}; exit $rc")
+    result = run_command([*prefix, "bash", "-c", script], check=False)
+    assert result.returncode == 1, result.stderr[-3000:]
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith("error: saving checkpoint 7 in ") and "No space left on device" in line, line
+    assert "the last complete checkpoint is" in line and line.endswith("checkpoints/5")
+    kept = sorted(p.name for p in (workdir / "kept").iterdir() if p.name.isdigit())
+    assert kept == ["5"]
+    params = restore_params(workdir / "kept" / "5")
+    reference = restore_params(root / "reference" / "checkpoints" / "5")
+    for key, value in reference.items():
+        np.testing.assert_array_equal(params[key], value, err_msg=key)
