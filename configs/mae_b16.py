@@ -77,4 +77,5 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.report = ml_collections.ConfigDict()
     c.report.num_reconstructions = 8
+    c.report.reconstruction_every_epochs = 50  # PNG + TensorBoard image; 0 = only at the end of the run
     return c

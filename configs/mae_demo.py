@@ -39,6 +39,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.schedule.preset = "palindrome"  # 128 → 96 → 128, three equal stages
     c.schedule.resolution = 128
 
+    c.report.reconstruction_every_epochs = 3
+
     c.checkpoint.every_steps = 50
     c.checkpoint.keep = 2
     return c

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -103,9 +104,25 @@ class Checkpointer:
             self._manager.reload()  # forget the failed step; list what is complete on disk
             last = self._manager.latest_step()
             kept = f"the last complete checkpoint is {self.path(last)}" if last is not None else "no checkpoint kept"
-            detail = " ".join(str(error).split())[:300]
-            raise CheckpointSaveError(f"saving checkpoint {failed} in {self.directory} failed ({detail}); "
-                                      f"{kept}") from error
+            raise CheckpointSaveError(f"saving checkpoint {failed} in {self.directory} failed "
+                                      f"({_failure_cause(error)}); {kept}") from error
+
+
+def _failure_cause(error: BaseException) -> str:
+    """The operating system's reason (e.g. 'No space left on device, errno 28') rather than orbax's long chain.
+
+    tensorstore reports file errors as text ending in ``<reason> [os_error_code='N']``; Python code raises
+    OSError. Anything else is shortened to its last 200 characters.
+    """
+    for cause in (error, error.__cause__, error.__context__):
+        if isinstance(cause, OSError) and cause.strerror:
+            return f"{cause.strerror}, errno {cause.errno}"
+    text = " ".join(str(error).split())
+    found = re.findall(r":\s*([^:\[]+?)\s*\[os_error_code='(\d+)'\]", text)
+    if found:
+        reason, code = found[-1]
+        return f"{reason}, errno {code}"
+    return text[-200:]
 
 
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:

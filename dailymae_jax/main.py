@@ -1,8 +1,16 @@
-"""Entry point: ``python -m dailymae_jax.main --config=configs/<recipe>.py --workdir=DIR``.
+"""dailymae_jax: MAE pretraining in JAX with FFCV crop-decode loading and progressive resolution.
 
-Any config field can be overridden on the command line, e.g. ``--config.train.epochs=2``. The recipes live
-in configs/: mae_b16.py (the paper's ViT-B/16) and mae_demo.py (a small run on the sample data). Running
-again with the same workdir resumes from its last checkpoint.
+  python -m dailymae_jax.main --config=configs/<recipe>.py --workdir=DIR [--config.<field>=<value> ...]
+
+Recipes (configs/, each file's docstring gives its launch command and expected result):
+  mae_b16.py    the paper's MAE ViT-B/16 pretraining on ImageNet-1K (800 epochs, palindrome schedule)
+  mae_demo.py   a small pretraining on the embedded sample data, a few CPU minutes (`make demo`)
+
+Any config field can be overridden, e.g. --config.train.epochs=2 --config.data.train_path=train.beton.
+Running again with the same workdir resumes from its last checkpoint.
+
+Exit codes: 0 done; 1 stopped on a non-finite loss or a failed checkpoint save (earlier checkpoints kept);
+2 bad flag or config value (one line names it); 128+N stopped by signal N after saving a checkpoint.
 """
 
 from __future__ import annotations

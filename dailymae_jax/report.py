@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -31,37 +32,84 @@ def _jsonable(value: Any) -> Any:
 
 
 class MetricsWriter:
-    """Scalars to ``metrics.jsonl`` (one JSON object per logged step) and to TensorBoard event files."""
+    """Scalars to ``metrics.jsonl`` (one JSON object per logged step) and scalars and images to TensorBoard.
+
+    TensorBoard events go through clu's writer when TensorFlow is installed, and through tensorboardX (light,
+    no TensorFlow) otherwise; both write ``<workdir>/tensorboard/events.out.tfevents.*``.
+    """
 
     def __init__(self, workdir: str | Path, *, enabled: bool = True):
         self.enabled = enabled
         self._jsonl = None
-        self._tb = None
+        self._tb: _TensorBoard | None = None
         if not enabled:
             return
         workdir = Path(workdir)
         self._jsonl = open(workdir / "metrics.jsonl", "a", buffering=1)
-        try:
-            from tensorboardX import SummaryWriter
-            self._tb = SummaryWriter(str(workdir / "tensorboard"))
-        except ImportError:  # TensorBoard files are a convenience; metrics.jsonl is always written
-            self._tb = None
+        self._tb = _TensorBoard(workdir / "tensorboard")
 
     def write(self, step: int, scalars: Mapping[str, float]) -> None:
         if not self.enabled:
             return
         row = {"step": int(step), **{k: float(v) for k, v in scalars.items()}}
         self._jsonl.write(json.dumps(row) + "\n")
-        if self._tb is not None:
-            for key, value in scalars.items():
-                if math.isfinite(float(value)):
-                    self._tb.add_scalar(key, float(value), int(step))
+        self._tb.scalars(int(step), {k: float(v) for k, v in scalars.items() if math.isfinite(float(v))})
+
+    def write_image(self, step: int, name: str, image: np.ndarray) -> None:
+        """A uint8 (H, W, 3) picture, e.g. the reconstruction grid."""
+        if self.enabled:
+            self._tb.image(int(step), name, image)
 
     def close(self) -> None:
         if self._jsonl is not None:
             self._jsonl.close()
+            self._jsonl = None
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
+
+
+class _TensorBoard:
+    """The TensorBoard half of MetricsWriter: clu's writer with TensorFlow, tensorboardX without."""
+
+    def __init__(self, directory: Path):
+        if importlib.util.find_spec("tensorflow") is not None:
+            from clu import metric_writers
+            self._clu = metric_writers.create_default_writer(str(directory), asynchronous=False)
+            self._tbx = None
+        else:
+            from tensorboardX import SummaryWriter
+            self._clu = None
+            self._tbx = SummaryWriter(str(directory))
+
+    def scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+        if self._clu is not None:
+            self._clu.write_scalars(step, scalars)
+        else:
+            for key, value in scalars.items():
+                self._tbx.add_scalar(key, value, step)
+
+    def image(self, step: int, name: str, image: np.ndarray) -> None:
+        if self._clu is not None:
+            self._clu.write_images(step, {name: image[None]})
+        else:
+            self._tbx.add_image(name, image, step, dataformats="HWC")
+
+    def close(self) -> None:
+        if self._clu is not None:
+            self._clu.close()
+        else:
+            self._tbx.close()
+
+
+def parameter_overview(params: Any) -> str:
+    """A table of every parameter's name, shape, size and statistics (clu's parameter overview)."""
+    import jax
+    from clu import parameter_overview as overview
+
+    # Statistics need the values on this host; across processes, shapes and sizes are what we can show.
+    local = all(getattr(leaf, "is_fully_addressable", True) for leaf in jax.tree.leaves(params))
+    return overview.get_parameter_overview(params, include_stats=local)
 
 
 def reconstruction_grid(original: np.ndarray, masked: np.ndarray, reconstruction: np.ndarray,

@@ -51,8 +51,21 @@ def test_demo_pipeline_end_to_end(one_device_run):
     assert [r["step"] for r in rows] == list(range(1, 57))
     assert {"loss", "lr", "grad_norm", "images_per_second", "probe_accuracy", "resolution", "mask_ratio"} <= set(rows[0])
     assert {r["resolution"] for r in rows if 21 < r["step"] <= 35} == {96}
-    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert {"step_seconds", "data_wait_share", "eta_seconds"} <= set(rows[0])
+    assert rows[-1]["eta_seconds"] == 0
+    # TensorBoard: read the event files back with TensorBoard's own reader.
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = event_accumulator.EventAccumulator(str(workdir / "tensorboard"), size_guidance={"scalars": 0})
+    events.Reload()
+    assert {"loss", "images_per_second", "lr", "probe_accuracy"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("loss")] == list(range(1, 57))
+    np.testing.assert_allclose([e.value for e in events.Scalars("loss")], [r["loss"] for r in rows], rtol=1e-6)
+    assert "reconstructions" in events.Tags()["images"]
+    # Reconstructions every 3 epochs (after epochs 3 and 6 = steps 21 and 42) and at the end.
+    assert sorted(p.name for p in (workdir / "reconstructions").glob("*.png")) == [
+        "step_21.png", "step_42.png", "step_56.png"]
     assert json.loads((workdir / "config.json").read_text())["train"]["epochs"] == 8
+    assert "Total:" in (workdir / "parameters.txt").read_text()
     # The reconstruction grid: 8 rows of 4 pictures of 128 px, with real content.
     png = np.asarray(Image.open(summary["reconstruction"]))
     assert png.shape == (8 * 130 + 2, 4 * 130 + 2, 3) and png.std() > 20

@@ -63,11 +63,12 @@ def metric_steps(workdir: Path) -> list[int]:
 
 
 def start_and_wait_for_step(cmd: list[str], workdir: Path, step: int, timeout: float = 600) -> subprocess.Popen:
-    """Starts a run and returns once its metrics log shows ``step`` (the process is still running)."""
+    """Starts a run; returns once its metrics log shows ``step`` and a complete checkpoint exists (so that a
+    restart has something to resume from), with the process still running."""
     process = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
     deadline = time.monotonic() + timeout
-    while max(metric_steps(workdir), default=0) < step:
+    while max(metric_steps(workdir), default=0) < step or not checkpoint_steps(workdir):
         if process.poll() is not None:
             raise AssertionError(f"run ended early with {process.returncode}: {process.stderr.read()[-3000:]}")
         if time.monotonic() > deadline:
@@ -194,10 +195,11 @@ def test_interrupted_run_resumes_to_the_same_parameters(runs, signum):
         assert process.returncode == -signal.SIGKILL
     assert not (workdir / "summary.json").exists()
 
+    resume_from = max(checkpoint_steps(workdir))
     result = run_command(cmd)
     assert f"{STEPS} steps" in result.stdout
     summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["steps"] == STEPS and summary["steps_this_run"] < STEPS
+    assert summary["steps"] == STEPS and summary["steps_this_run"] == STEPS - resume_from
     assert_same_final_weights(workdir, root / "reference")  # interrupted at step ≥ {at}
 
 
@@ -239,3 +241,4 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(runs):
     reference = restore_params(root / "reference" / "checkpoints" / "5")
     for key, value in reference.items():
         np.testing.assert_array_equal(params[key], value, err_msg=key)
+
