@@ -8,6 +8,8 @@ tables, which are constants in our model, are written out for the export resolut
 
 Files: ``.safetensors`` (needs no torch) or ``.pth`` (plain tensors, ``torch.load(weights_only=True)``).
 The ``mae`` format wraps the state dict as ``{'model': state_dict}`` like the official checkpoints.
+A reference batch (:func:`reference_batch`) records what the JAX model computes, to check an export with.
+The reverse direction, checking a checkpoint against a model and loading it, is :mod:`dailymae_jax.pretrained`.
 """
 
 from __future__ import annotations

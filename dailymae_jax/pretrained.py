@@ -187,17 +187,15 @@ def _fill(params: Mapping[str, Any], state: Mapping[str, np.ndarray], *, keep: s
     any other key the model lacks is unexpected. Leaves keep their dtype.
     """
     target = traverse_util.flatten_dict(dict(params))
-    names = {}
     converted = {}
     for key, value in state.items():
         if key in ignore or any(key.startswith(p) for p in ignore if p.endswith(".")):
             continue
-        path, value = export.flax_leaf(export.flax_path(key), value)
+        path, converted_value = export.flax_leaf(export.flax_path(key), value)
         if path not in target:
-            raise ValueError(f"{what}: unexpected key {key} {tuple(value.shape)}: the model has no such "
+            raise ValueError(f"{what}: unexpected key {key} {tuple(np.shape(value))}: the model has no such "
                              "parameter (a different depth, or not this kind of checkpoint?)")
-        names[path] = key
-        converted[path] = value
+        converted[path] = converted_value
     filled = {}
     for path, leaf in target.items():
         if path in keep:
@@ -225,9 +223,9 @@ def load_encoder_weights(params: Mapping[str, Any], source: Mapping[str, Any] | 
     """A VisionTransformer's ``params`` with the encoder taken from a pretrained ``source``.
 
     ``params`` are the model's own initialised parameters; they say which layout to fill (``norm`` or
-    ``fc_norm``, a head or not), and the parameters not taken from the checkpoint keep their values. The head (``head.*``) is kept unless
-    ``load_head``, and ``fc_norm.*`` is kept when the checkpoint has none (a pretraining checkpoint). A decoder
-    in the checkpoint is ignored. ``image_size`` is the resolution the model will run at: it sets the grid a
+    ``fc_norm``, a head or not), and the parameters not taken from the checkpoint keep their values. The head
+    (``head.*``) is kept unless ``load_head``, and ``fc_norm.*`` is kept when the checkpoint has none (a
+    pretraining checkpoint). A decoder in the checkpoint is ignored. ``image_size`` is the resolution the model will run at: it sets the grid a
     learned ``pos_embed`` parameter is resampled to. ``step`` picks a checkpoint when ``source`` is a workdir.
     """
     state = read_source(source, step=step)
