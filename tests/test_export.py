@@ -97,7 +97,7 @@ def test_pytorch_forward_on_exported_weights_reproduces_our_features(mae, photo_
     images = normalize(jnp.asarray(photo_batch))
     ours = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode))(params, images))
     theirs = torch_vit_features(export.load_state_dict(path),
-                                torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).contiguous())
+                                torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).contiguous())
     np.testing.assert_allclose(theirs.numpy(), ours, atol=1e-4)
 
 
@@ -109,7 +109,7 @@ def test_bad_names_are_refused(mae, tmp_path):
 
 
 def as_torch_images(images):
-    return torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).contiguous()
 
 
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
