@@ -225,8 +225,9 @@ def load_encoder_weights(params: Mapping[str, Any], source: Mapping[str, Any] | 
     ``params`` are the model's own initialised parameters; they say which layout to fill (``norm`` or
     ``fc_norm``, a head or not), and the parameters not taken from the checkpoint keep their values. The head
     (``head.*``) is kept unless ``load_head``, and ``fc_norm.*`` is kept when the checkpoint has none (a
-    pretraining checkpoint). A decoder in the checkpoint is ignored. ``image_size`` is the resolution the model will run at: it sets the grid a
-    learned ``pos_embed`` parameter is resampled to. ``step`` picks a checkpoint when ``source`` is a workdir.
+    pretraining checkpoint). A decoder in the checkpoint is ignored. ``image_size`` is the resolution the
+    model will run at: it sets the grid a learned ``pos_embed`` parameter is resampled to. ``step`` picks a
+    checkpoint when ``source`` is a workdir.
     """
     state = read_source(source, step=step)
     target = traverse_util.flatten_dict(dict(params))
