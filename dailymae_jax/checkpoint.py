@@ -129,3 +129,42 @@ def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs that carry the target shardings, for restoring onto the current mesh."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract_state, shardings)
+
+
+def restore_params(workdir: str | Path, step: int | None = None) -> tuple[dict[str, Any], int, dict[str, Any]]:
+    """The MAE parameters of one checkpoint as host numpy arrays, without building the train state.
+
+    For export and import: nothing is compiled, no data is needed, and the optimizer and probe state are not
+    read (orbax's partial restore). Returns ``(params, step, meta)`` where ``meta`` holds the epoch, the step in
+    the epoch and the run's config. ``step`` None means the latest. Raises FileNotFoundError, one line, naming
+    the directory and the steps it holds when there is no such checkpoint.
+    """
+    import numpy as np
+
+    directory = Path(workdir).resolve() / "checkpoints"
+    if not directory.is_dir():
+        raise FileNotFoundError(f"no checkpoints in {Path(workdir)}: {directory} does not exist")
+    # Handlers given explicitly: the state was written by StandardSave, but only a PyTree handler can restore
+    # a subtree of it.
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False),
+                                    item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                                   "meta": ocp.JsonCheckpointHandler()})
+    try:
+        steps = manager.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint in {directory}")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise FileNotFoundError(f"no checkpoint for step {step} in {directory}; "
+                                    f"available: {', '.join(map(str, sorted(steps)))}")
+        tree = manager.item_metadata(step)["state"]
+        if "params" not in tree:
+            raise FileNotFoundError(f"{directory / str(step)} holds no 'params' (not a pretraining checkpoint)")
+        as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree["params"])
+        restored = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(item={"params": tree["params"]}, restore_args={"params": as_numpy},
+                                         partial_restore=True),
+            meta=ocp.args.JsonRestore()))
+    finally:
+        manager.close()
+    return restored.state["params"], step, restored.meta

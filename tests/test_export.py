@@ -1,5 +1,5 @@
-"""Export to PyTorch layouts: names and shapes of the contract (RECIPE §6), exact round trips, and a plain
-PyTorch forward pass that reproduces our encoder from the exported file."""
+"""Export to PyTorch layouts: names and shapes of the contract (RECIPE §6), exact round trips, a plain
+PyTorch forward pass and timm's VisionTransformer (strict key check) reproducing our encoder and classifier."""
 
 import jax
 import jax.numpy as jnp
@@ -7,10 +7,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import VisionTransformer as TimmViT
 
 from dailymae_jax import export
 from dailymae_jax.augment import normalize
 from dailymae_jax.model.mae import MaskedAutoencoder
+from dailymae_jax.model.vit import VisionTransformer
+from dailymae_jax.pretrained import load_encoder_weights
 
 D, DEPTH, HEADS, P, DD = 64, 2, 4, 16, 32
 
@@ -94,7 +97,7 @@ def test_pytorch_forward_on_exported_weights_reproduces_our_features(mae, photo_
     images = normalize(jnp.asarray(photo_batch))
     ours = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode))(params, images))
     theirs = torch_vit_features(export.load_state_dict(path),
-                                torch.from_numpy(np.asarray(images)).permute(0, 3, 1, 2).contiguous())
+                                torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).contiguous())
     np.testing.assert_allclose(theirs.numpy(), ours, atol=1e-4)
 
 
@@ -103,3 +106,46 @@ def test_bad_names_are_refused(mae, tmp_path):
         export.to_state_dict(mae[1], fmt="onnx", width=D, decoder_width=DD, grid=(4, 4))
     with pytest.raises(ValueError, match=".pth or .safetensors"):
         export.save_state_dict({}, tmp_path / "x.bin", fmt="timm")
+
+
+def as_torch_images(images):
+    return torch.from_numpy(np.array(images)).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_timm_loads_the_export_strictly_and_reproduces_our_features(mae, photo_batch, tmp_path, suffix):
+    model, params = mae
+    state = export.to_state_dict(params, fmt="timm", width=D, decoder_width=None, grid=(4, 4))
+    path = export.save_state_dict(state, tmp_path / f"timm{suffix}", fmt="timm")
+    timm_model = TimmViT(img_size=64, patch_size=P, embed_dim=D, depth=DEPTH, num_heads=HEADS, num_classes=0)
+    timm_model.load_state_dict({k: torch.from_numpy(v) for k, v in export.load_state_dict(path).items()},
+                               strict=True)
+    images = normalize(jnp.asarray(photo_batch))
+    ours = np.asarray(jax.jit(lambda p, x: model.apply({"params": p}, x, method=model.encode))(params, images))
+    with torch.no_grad():
+        theirs = timm_model.eval().forward_features(as_torch_images(images)).numpy()
+    assert np.abs(ours).max() > 0.5  # features of real size, not all near zero
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+
+
+def test_classifier_round_trip_through_timm(photo_batch):
+    """A finetuning-layout ViT (global pool, fc_norm, head) → timm strict, same logits → back, bit-exact."""
+    vit = VisionTransformer(width=D, depth=DEPTH, heads=HEADS, patch=P, num_classes=5, global_pool=True)
+    params = vit.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
+    params = jax.tree.unflatten(tree, [jax.random.normal(k, x.shape) * 0.2 for k, x in zip(keys, leaves)])
+    state = export.to_state_dict(params, fmt="timm", width=D, decoder_width=None, grid=(4, 4))
+    assert {"fc_norm.weight", "head.weight"} <= set(state) and "norm.weight" not in state
+    timm_model = TimmViT(img_size=64, patch_size=P, embed_dim=D, depth=DEPTH, num_heads=HEADS, num_classes=5,
+                         global_pool="avg")
+    timm_model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=True)
+    images = normalize(jnp.asarray(photo_batch))
+    ours = np.asarray(jax.jit(vit.apply)({"params": params}, images))
+    with torch.no_grad():
+        theirs = timm_model.eval()(as_torch_images(images)).numpy()
+    np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
+    # PyTorch → JAX: timm's own state dict (its tensors, its key order) back into a freshly initialised model.
+    fresh = vit.init(jax.random.PRNGKey(9), jnp.zeros((1, 64, 64, 3)))["params"]
+    back = load_encoder_weights(fresh, timm_model.state_dict(), image_size=64, load_head=True)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, back)

@@ -8,11 +8,16 @@
 #    libturbojpeg headers (apt-get, as root or through sudo; skipped when pkg-config already finds them).
 # 2. A CPU build of torch before anything else: ffcv imports torch everywhere, and letting pip resolve a
 #    bare "torch" would pull a multi-GB CUDA build onto a CPU-only machine. Override with TORCH_SPEC.
+#    The test extra needs torchvision (timm imports it) and a torch it imports beside: torch 2.14.1 with
+#    torchvision 0.29.1 (a larger install).
 # 3. The package itself, editable, with the requested extras.
 set -euo pipefail
 venv=${1:-.venv}
 extras=${2:-sample}
-torch_spec=${TORCH_SPEC:-torch==2.13.0}
+case ",$extras," in
+  *,test,*) torch_spec=${TORCH_SPEC:-torch==2.14.1 torchvision==0.29.1}; torch_check="import torch, torchvision" ;;
+  *) torch_spec=${TORCH_SPEC:-torch==2.13.0}; torch_check="import torch" ;;
+esac
 
 need_os=()
 command -v pkg-config >/dev/null || need_os+=(pkg-config)
@@ -31,9 +36,10 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
-if ! "$venv/bin/python" -c "import torch" 2>/dev/null; then
-  echo "setup: installing $torch_spec (CPU build on machines without a GPU)"
-  "${pip[@]}" install "$torch_spec"
+if ! "$venv/bin/python" -c "$torch_check" 2>/dev/null; then
+  echo "setup: installing $torch_spec"
+  # shellcheck disable=SC2086  # the spec may name several packages
+  "${pip[@]}" install $torch_spec
 fi
 echo "setup: installing dailymae_jax[$extras]"
 "${pip[@]}" install -e ".[$extras]"

@@ -1,0 +1,87 @@
+"""Export a pretraining checkpoint to PyTorch: the official MAE layout or timm's VisionTransformer.
+
+Usage: python tools/export_torch.py --workdir DIR [--step N] --format mae|timm --out FILE.pth|FILE.safetensors
+                                    [--resolution R] [--sample-out FILE.npz [--sample-size N] [--mask-ratio M]]
+
+--format mae writes {'model': state_dict} with the encoder and decoder keys of the official MAE pretraining
+checkpoints; --format timm writes the encoder keys of timm.models.vision_transformer.VisionTransformer.
+A .pth holds plain tensors (torch.load(..., weights_only=True)); a .safetensors file is read without torch.
+The fixed sin-cos position tables are written for --resolution (default: the run's schedule.resolution).
+
+--sample-out also writes a reference batch computed by the JAX model, to check the export with: images
+(uint8 N×H×W×3, centre squares of the sample photographs), noise (the masking noise), mask, mask_ratio, loss,
+pred (decoder predictions), features_cls and features_mean (encoder outputs on the unmasked images after the
+final norm), pixel_mean and pixel_std. See dailymae_jax.export.reference_batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# Running as `python tools/...` puts tools/ (not the repo root) on sys.path.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dailymae_jax import export  # noqa: E402
+from dailymae_jax.pretrained import load_run  # noqa: E402
+
+SUFFIXES = (".pth", ".safetensors")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit code 2 (argparse adds a usage block)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse arguments, restore the checkpoint, write the export (and the reference batch)."""
+    parser = _Parser(prog="export_torch.py", description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", required=True, type=Path, help="a pretraining workdir (checkpoints/ inside)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    parser.add_argument("--format", required=True, choices=export.FORMATS, help="mae or timm key layout")
+    parser.add_argument("--out", required=True, type=Path, help="output file, .pth or .safetensors")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="image size the position tables are written for (default: schedule.resolution)")
+    parser.add_argument("--sample-out", type=Path, default=None, help="also write a reference batch (.npz)")
+    parser.add_argument("--sample-size", type=int, default=8, help="images in the reference batch (1 to 14)")
+    parser.add_argument("--mask-ratio", type=float, default=None,
+                        help="mask ratio of the reference batch (default: schedule.mask_ratio)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the reference batch's masking noise")
+    args = parser.parse_args(argv)
+    if args.out.suffix not in SUFFIXES:
+        parser.error(f"--out {args.out}: the name must end in .pth or .safetensors")
+    if args.sample_out is not None and args.sample_out.suffix != ".npz":
+        parser.error(f"--sample-out {args.sample_out}: the name must end in .npz")
+    if not args.workdir.is_dir():
+        parser.error(f"--workdir {args.workdir} does not exist")
+
+    try:
+        run = load_run(args.workdir, args.step)
+        resolution = args.resolution or run.resolution
+        if resolution % run.model.patch:
+            raise ValueError(f"--resolution {resolution} is not a multiple of the patch size {run.model.patch}")
+        grid = (resolution // run.model.patch,) * 2
+        state = export.to_state_dict(run.params, fmt=args.format, width=run.model.width,
+                                     decoder_width=run.model.decoder_width, grid=grid)
+        path = export.save_state_dict(state, args.out, fmt=args.format)
+        print(f"exported step {run.step} of {args.workdir} ({args.format}, {resolution} px, {len(state)} tensors): "
+              f"{path}")
+        if args.sample_out is not None:
+            mask_ratio = run.config["schedule"]["mask_ratio"] if args.mask_ratio is None else args.mask_ratio
+            if not 0.0 < mask_ratio < 1.0:
+                raise ValueError(f"--mask-ratio {mask_ratio}; allowed: 0 < ratio < 1")
+            images = export.reference_images(args.sample_size, resolution)
+            batch = export.reference_batch(run.params, run.model, images, mask_ratio=float(mask_ratio),
+                                           seed=args.seed)
+            sample = export.save_reference_batch(batch, args.sample_out)
+            print(f"reference batch ({len(images)} images, mask ratio {mask_ratio}, loss {batch['loss']:.6f}): "
+                  f"{sample}")
+    except (FileNotFoundError, ValueError) as error:
+        print(f"export_torch.py: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
