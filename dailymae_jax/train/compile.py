@@ -86,3 +86,40 @@ def flops_per_step(executable: Any) -> float | None:
         analysis = analysis[0] if analysis else {}
     flops = (analysis or {}).get("flops")
     return float(flops) if flops else None
+
+
+# Dense (no structured sparsity) bf16 tensor-core peaks per device, from NVIDIA's datasheets, in FLOP/s.
+# Matched as substrings of ``jax.Device.device_kind`` (e.g. "NVIDIA H100 80GB HBM3"), first match wins: the
+# PCIe and NVL H100s come before the plain "H100" (the SXM part), and "GH200" before "H200".
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM5
+    ("GH200", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),  # SXM4 and PCIe alike
+    ("L40S", 362e12),
+    ("L40", 181e12),
+    ("L4", 121e12),
+)
+
+
+def peak_bf16_flops(device_kind: str) -> float | None:
+    """Peak dense bf16 FLOP/s of one device of this kind, or None when the kind is not in the table (CPUs)."""
+    for name, flops in PEAK_BF16_FLOPS:
+        if name.lower() in device_kind.lower():
+            return flops
+    return None
+
+
+def model_flops_utilization(flops_per_step: float | None, step_seconds: float,
+                            peak_flops: float | None) -> float | None:
+    """Achieved over peak FLOP rate of one device: ``flops_per_step / step_seconds / peak_flops``.
+
+    ``flops_per_step`` is per device, as :func:`flops_per_step` returns it for an SPMD executable (XLA analyses
+    the partitioned program), so the result is the same on 1 or n devices of one kind. None when either the
+    FLOPs or the peak is unknown.
+    """
+    if not flops_per_step or not peak_flops or step_seconds <= 0:
+        return None
+    return flops_per_step / step_seconds / peak_flops
