@@ -119,7 +119,9 @@ def load_config(path: str | Path, overrides: Sequence[str]):
     config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True, sys_argv=argv)
     try:
         values(argv)
-    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as error:
+    except (AttributeError, KeyError) as error:
+        raise BenchError(f"config override: {path} has no field {error}") from None
+    except (flags.Error, TypeError, ValueError) as error:
         raise BenchError(f"config override: {error}") from None
     return values.config
 
@@ -239,6 +241,10 @@ def step_stats(times: Sequence[float], batch: int) -> dict[str, float]:
             "images_per_second": batch / median}
 
 
+def log(message: str) -> None:
+    print(f"bench_train: {message}", file=sys.stderr, flush=True)
+
+
 def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
@@ -291,6 +297,8 @@ def run_jax(args: argparse.Namespace, config, resolution: int) -> list[dict[str,
         global_batch=batch, resolution_of=lambda b: b[0])
     step = executables[bucket]
     flops = compile_lib.flops_per_step(step)
+    log(f"jax {resolution} px: compiled in {compile_seconds[bucket]:.1f} s on {device.device_kind}, "
+        f"{(flops or 0) / 1e9:.3g} GFLOP per step")
     peak = compile_lib.peak_bf16_flops(device.device_kind)
 
     batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
@@ -321,6 +329,8 @@ def run_jax(args: argparse.Namespace, config, resolution: int) -> list[dict[str,
                  "final_loss": _finite_or_none(float(holder["metrics"]["loss"]))}
     synthetic["mfu"] = compile_lib.model_flops_utilization(flops, synthetic["step_time_median_s"], peak)
     synthetic["peak_memory_bytes"] = _jax_peak_memory(device)
+    log(f"jax {resolution} px synthetic: {synthetic['images_per_second']:.1f} img/s, "
+        f"{1e3 * synthetic['step_time_median_s']:.1f} ms per step")
     results = [synthetic]
 
     if "loader" in args.data:
@@ -344,8 +354,6 @@ def _time_jax_loader(args, config, resolution, mask_ratio, mesh, step, holder, c
     from dailymae_jax.train.schedule import Stage
 
     info = dataset_info(args.beton)
-    if info.num_classes > args.num_classes:
-        raise BenchError(f"--num-classes {args.num_classes}: {args.beton} has {info.num_classes} classes")
     order = EpochOrder(info.num_samples, args.batch_size, args.seed)
     epochs = -(-(args.warmup_steps + args.steps) // order.steps_per_epoch)
     start = time.perf_counter()
@@ -353,6 +361,7 @@ def _time_jax_loader(args, config, resolution, mask_ratio, mesh, step, holder, c
                          sharding=BatchSharding(mesh), num_workers=config.data.num_workers,
                          crop=CropSpec(tuple(config.data.crop_scale), tuple(config.data.crop_ratio)))
     loader_warmup = time.perf_counter() - start
+    log(f"jax {resolution} px: loader pipeline ready in {loader_warmup:.1f} s")
     batches = loader.batches(0, 0, epochs)
     counter = compile_lib.CompilationCounter()
     try:
@@ -373,13 +382,15 @@ def _time_jax_loader(args, config, resolution, mask_ratio, mesh, step, holder, c
     finally:
         batches.close()
     mean = wall / args.steps
+    log(f"jax {resolution} px loader: {args.batch_size / mean:.1f} img/s, data wait {100 * wait / wall:.0f}%")
     return {**common, "data": "loader", "steps": args.steps, "step_time_mean_s": mean,
             "images_per_second": args.batch_size / mean, "data_wait_share": wait / wall,
             "loader_warmup_seconds": loader_warmup, "num_workers": config.data.num_workers,
             "dataset": str(args.beton), "dataset_samples": info.num_samples,
             "compilations_while_timed": counter.count,
             "final_loss": _finite_or_none(float(holder["metrics"]["loss"])),
-            "mfu": compile_lib.model_flops_utilization(common["flops_per_step"], mean, common["peak_bf16_flops"])}
+            "mfu": compile_lib.model_flops_utilization(common["flops_per_step"], mean, common["peak_bf16_flops"]),
+            "peak_memory_bytes": _jax_peak_memory(jax.devices()[0])}
 
 
 def run_torch(args: argparse.Namespace, config, resolution: int) -> list[dict[str, Any]]:
@@ -426,6 +437,8 @@ def run_torch(args: argparse.Namespace, config, resolution: int) -> list[dict[st
             torch.cuda.synchronize()
 
     times, warmup_seconds = time_steps(run_step, args.warmup_steps, args.steps)
+    log(f"torch {resolution} px: warm-up (compilation included) {warmup_seconds:.1f} s, "
+        f"{batch / statistics.median(times):.1f} img/s")
     name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
     result = {"framework": "torch", "data": "synthetic", "resolution": resolution, "batch_size": batch,
               "steps": args.steps, "device_kind": name, "platform": device.type, **step_stats(times, batch),
@@ -598,21 +611,29 @@ def write_report(path: Path | None, report: dict[str, Any]) -> None:
 
 
 def resolve_beton(args: argparse.Namespace, config) -> Path:
-    """The .beton for --data loader; builds the sample dataset if that is what the config asks for."""
-    if args.beton is not None:
-        if not args.beton.is_file():
-            raise BenchError(f"--beton: no such file {args.beton}")
-        return args.beton.resolve()
-    if config.data.train_path:
-        return Path(config.data.train_path).resolve()
-    if config.data.sample_dir:
-        from dailymae_jax.data.prepare import sample_beton
+    """The .beton for --data loader, checked against the batch and the probe; builds the sample dataset if
+    that is what the config asks for."""
+    from dailymae_jax.data.prepare import dataset_info, sample_beton
 
+    if args.beton is not None:
+        beton = args.beton
+    elif config.data.train_path:
+        beton = Path(config.data.train_path)
+    elif config.data.sample_dir:
         # Written here, before any worker starts JAX (writing forks worker processes).
-        return sample_beton(config.data.sample_dir, num_images=config.data.sample_num_images,
-                            seed=config.seed).resolve()
-    raise BenchError("--data loader needs a dataset: give --beton FILE, --config.data.train_path=FILE or "
-                     "--config.data.sample_dir=DIR")
+        beton = sample_beton(config.data.sample_dir, num_images=config.data.sample_num_images, seed=config.seed)
+    else:
+        raise BenchError("--data loader needs a dataset: give --beton FILE, --config.data.train_path=FILE or "
+                         "--config.data.sample_dir=DIR")
+    try:
+        info = dataset_info(beton)
+    except (FileNotFoundError, ValueError) as error:
+        raise BenchError(f"--beton: {error}") from None
+    if info.num_samples < args.batch_size:
+        raise BenchError(f"--batch-size {args.batch_size}: larger than {beton} ({info.num_samples} images)")
+    if info.num_classes > args.num_classes:
+        raise BenchError(f"--num-classes {args.num_classes}: {beton} has labels up to {info.num_classes - 1}")
+    return Path(beton).resolve()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -657,10 +678,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
         for resolution in args.res:
             for framework in frameworks:
-                print(f"bench_train: {framework} at {resolution} px", file=sys.stderr, flush=True)
+                log(f"{framework} at {resolution} px")
                 out = Path(tmp) / f"{framework}_{resolution}.json"
+                start = time.perf_counter()
                 output, error = run_worker_process(worker_argv(args, overrides, framework, resolution, out),
                                                    args.worker_timeout)
+                log(f"{framework} at {resolution} px took {time.perf_counter() - start:.0f} s"
+                    + (f" and failed: {error}" if error else ""))
                 if error is not None:
                     failed = True
                     new_results += [{"framework": framework, "data": d, "resolution": resolution, "error": error}
