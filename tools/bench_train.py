@@ -325,7 +325,7 @@ def run_jax(args: argparse.Namespace, config, resolution: int) -> list[dict[str,
               "flops_per_step": flops, "peak_bf16_flops": peak,
               "compile_seconds": compile_seconds[bucket]}
     synthetic = {**common, "data": "synthetic", "steps": args.steps, **step_stats(times, batch),
-                 "warmup_seconds": warmup_seconds, "compilations_while_timed": counter.count,
+                 "warmup_seconds": warmup_seconds, "compilations_during_steps": counter.count,
                  "final_loss": _finite_or_none(float(holder["metrics"]["loss"]))}
     synthetic["mfu"] = compile_lib.model_flops_utilization(flops, synthetic["step_time_median_s"], peak)
     synthetic["peak_memory_bytes"] = _jax_peak_memory(device)
@@ -387,7 +387,7 @@ def _time_jax_loader(args, config, resolution, mask_ratio, mesh, step, holder, c
             "images_per_second": args.batch_size / mean, "data_wait_share": wait / wall,
             "loader_warmup_seconds": loader_warmup, "num_workers": config.data.num_workers,
             "dataset": str(args.beton), "dataset_samples": info.num_samples,
-            "compilations_while_timed": counter.count,
+            "compilations_during_steps": counter.count,
             "final_loss": _finite_or_none(float(holder["metrics"]["loss"])),
             "mfu": compile_lib.model_flops_utilization(common["flops_per_step"], mean, common["peak_bf16_flops"]),
             "peak_memory_bytes": _jax_peak_memory(jax.devices()[0])}

@@ -132,7 +132,7 @@ def test_cpu_smoke_run_writes_a_complete_report(tmp_path, sample_beton):
                "--config.data.num_workers=1", "--no-torch-compile", "--json", str(out)]
     # One thread per torch/OpenMP pool: on a shared 2-core CI machine more only adds contention.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, env=env)
+    run = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1800, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
 
@@ -149,7 +149,7 @@ def test_cpu_smoke_run_writes_a_complete_report(tmp_path, sample_beton):
         assert r["flops_per_step"] > 0 and r["flops_per_step_analytic"] > 0
         assert r["mfu"] is None and r["peak_memory_bytes"] is None  # no peak rate or memory stats on CPU
         if r["framework"] == "jax":
-            assert r["compilations_while_timed"] == 0
+            assert r["compilations_during_steps"] == 0
             # XLA's count adds the optimizer and elementwise work to the matrix products (much at this size).
             assert 1.0 < r["flops_per_step"] / r["flops_per_step_analytic"] < 2.0
         if r["data"] == "loader":
