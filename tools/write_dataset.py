@@ -102,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.tfds is None and any(getattr(args, k) != parser.get_default(k)
                                  for k in ("split", "data_dir", "image_key", "label_key")):
         parser.error("--split, --data-dir, --image-key and --label-key apply only to --tfds")
+    if args.out.exists() and not args.out.is_dir() and not args.overwrite:
+        parser.error(f"output file exists: {args.out} (add --overwrite to replace it)")
     try:
         if args.tfds is not None:
             from dailymae_jax.data.sources import TfdsSource

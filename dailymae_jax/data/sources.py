@@ -115,6 +115,7 @@ class TfdsSource(ImageSource):
         self.dataset, self.split, self.image_key, self.label_key = name, split, image_key, label_key
         self.data_dir = None if data_dir is None else str(data_dir)
         self._opened: tuple[int, Any] | None = None
+        self._read_in: int | None = None  # the process that read records through this object
         source = self._source()
         features = source.dataset_info.features
         for key in (image_key, label_key):
@@ -129,8 +130,14 @@ class TfdsSource(ImageSource):
         """The data source opened by this process.
 
         array_record readers are not fork-safe: a forked child that reads through its parent's
-        reader can hang forever. Each process (the writer forks workers) therefore opens its own.
+        reader can hang forever, and one that opens its own after the parent has read records can
+        crash (segmentation fault, seen with array_record 0.8). So each process opens its own, and
+        the writer reads records only in forked workers; a child of a process that already read
+        gets this error instead of the crash.
         """
+        if self._read_in is not None and self._read_in != os.getpid():
+            raise RuntimeError(f"TFDS source {self.dataset!r} was read in process {self._read_in} before it forked; "
+                               "array_record cannot be used after that in a child: read only in worker processes")
         if self._opened is None or self._opened[0] != os.getpid():
             try:
                 import tensorflow_datasets as tfds
@@ -149,14 +156,16 @@ class TfdsSource(ImageSource):
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state["_opened"] = None
+        state["_opened"] = state["_read_in"] = None
         return state
 
     def __len__(self) -> int:
         return self._len
 
     def load(self, index: int) -> tuple[np.ndarray, int]:
-        record = self._source()[index]
+        source = self._source()
+        self._read_in = os.getpid()
+        record = source[index]
         return load_rgb(io.BytesIO(record[self.image_key])), int(record[self.label_key])
 
     def name(self, index: int) -> str:

@@ -154,19 +154,15 @@ def _check_items(source: ImageSource, max_resolution: int, num_workers: int,
     args = [(i, max_resolution) for i in indices]
     bar = tqdm(total=len(source), desc="checking", unit="img", disable=not progress, file=sys.stderr)
     try:
-        if num_workers > 1 and len(source) > 1:
-            # fork: the source (possibly holding a file list of a million paths) is inherited, not pickled.
-            context = multiprocessing.get_context("fork")
-            chunksize = max(1, min(256, len(source) // (num_workers * 16)))
-            with context.Pool(num_workers, initializer=_set_check_source, initargs=(source,)) as pool:
-                results = []
-                for result in pool.imap(_star_check_item, args, chunksize=chunksize):
-                    results.append(result)
-                    bar.update(1)
-        else:
-            results = []
-            for arg in args:
-                results.append(_check_item(*arg))
+        # Always in worker processes, even for one worker: a TFDS source must not be read by the
+        # process that later forks ffcv's writer workers (see TfdsSource._source). fork: the source
+        # (possibly a list of a million paths) is inherited, not pickled.
+        context = multiprocessing.get_context("fork")
+        chunksize = max(1, min(256, len(source) // (num_workers * 16)))
+        results = []
+        with context.Pool(num_workers, initializer=_set_check_source, initargs=(source,)) as pool:
+            for result in pool.imap(_star_check_item, args, chunksize=chunksize):
+                results.append(result)
                 bar.update(1)
     finally:
         bar.close()

@@ -16,42 +16,8 @@ from dailymae_jax.data.beton import check_beton
 from dailymae_jax.data.sample import make_sample_dataset, source_photograph_paths
 from dailymae_jax.data.write import report_path, write_beton
 
-
-def read_samples(path: Path) -> list[tuple[np.ndarray, int, int]]:
-    """Decode every sample of a beton with PIL as (RGB array, label, mode: 0 jpg / 1 raw).
-
-    Reading through ffcv.reader.Reader keeps each image's stored size, which a Loader's crop
-    decoders would hide.
-    """
-    from ffcv.reader import Reader
-
-    reader = Reader(str(path))
-    sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
-    data = np.fromfile(path, dtype=np.uint8)
-    out = []
-    for meta in reader.metadata:
-        image, label = meta["f0"], int(meta["f1"])
-        ptr = int(image["data_ptr"])
-        blob = data[ptr:ptr + sizes[ptr]]
-        h, w = int(image["height"]), int(image["width"])
-        if int(image["mode"]) == 0:  # jpg
-            arr = np.asarray(Image.open(io.BytesIO(blob.tobytes())).convert("RGB"))
-        else:  # raw
-            arr = blob[:h * w * 3].reshape(h, w, 3)
-        assert arr.shape == (h, w, 3)
-        out.append((arr, label, int(image["mode"])))
-    return out
-
-
-def _jpeg_blobs(path: Path) -> list[bytes]:
-    """The encoded bytes of every JPEG-mode image in a beton."""
-    from ffcv.reader import Reader
-
-    reader = Reader(str(path))
-    sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
-    data = path.read_bytes()
-    ptrs = [int(m["f0"]["data_ptr"]) for m in reader.metadata if int(m["f0"]["mode"]) == 0]
-    return [data[p:p + sizes[p]] for p in ptrs]
+# tests/data is on sys.path when pytest imports these test files (its default "prepend" import mode).
+from beton_read import jpeg_blobs, read_samples  # noqa: E402
 
 
 def _photo(size: tuple[int, int]) -> np.ndarray:
@@ -134,7 +100,7 @@ def test_default_jpeg_is_444_and_420_is_honoured(tmp_path: Path) -> None:
         out = tmp_path / f"{chroma}.beton"
         kwargs = {} if chroma is None else {"chroma_subsampling": chroma}
         write_beton(tmp_path / "src", out, num_workers=1, progress=False, **kwargs)
-        (blob,) = _jpeg_blobs(out)
+        (blob,) = jpeg_blobs(out)
         assert JpegImagePlugin.get_sampling(Image.open(io.BytesIO(blob))) == sampling
     with pytest.raises(ValueError, match="chroma"):
         write_beton(tmp_path / "src", tmp_path / "bad.beton", chroma_subsampling="422")
