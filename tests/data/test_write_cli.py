@@ -116,3 +116,17 @@ def test_runs_as_a_script(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, str(TOOL), "--source", str(tmp_path), "--out", "x.beton", "--quality", "101"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--quality" in bad.stderr
+
+
+def test_interrupt_leaves_nothing(train_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from ffcv.writer import DatasetWriter
+
+    def ctrl_c(self, allocations):  # the last step of a write, when the temporary file is complete
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(DatasetWriter, "finalize", ctrl_c)
+    out = tmp_path / "out" / "train.beton"
+    assert tool.main(["--source", str(train_dir), "--out", str(out), "--workers", "2", "--no-progress"]) == 130
+    assert capsys.readouterr().err == f"write_dataset.py: interrupted, nothing written to {out}\n"
+    assert list(out.parent.iterdir()) == []
