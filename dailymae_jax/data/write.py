@@ -5,10 +5,10 @@ Fields, in this order: ``'image'`` (``ffcv.fields.RGBImageField``) and ``'label'
 
 Writing runs in two passes. The first decodes every item in a process pool and sets aside the
 ones that cannot be read (each with a one-line reason, listed in the report), because ffcv's
-writer cannot drop an item once it has counted it. The second is ffcv's writer, driven by
-:class:`_GuardedWriter`, which watches its worker processes so that a failing worker ends the
-write with an error instead of leaving it waiting forever. The file is written under a temporary
-name and renamed onto the output only on success.
+writer cannot drop an item once it has counted it. The second is ffcv's writer, run by
+:func:`dailymae_jax.data.beton.write_indexed`, which watches its worker processes so that a failing
+worker ends the write with an error instead of leaving it waiting forever. The file is written
+under a temporary name and renamed onto the output only on success.
 
 ffcv is imported inside the functions: importing it pulls in torch and numba and takes several
 seconds, which callers that only build sample data or parse configs should not pay.
@@ -17,19 +17,17 @@ seconds, which callers that only build sample data or parse configs should not p
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import multiprocessing
 import os
-import queue
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
 
 import numpy as np
 
+from dailymae_jax.data.beton import jpeg_chroma, page_size_for, write_indexed
 from dailymae_jax.data.sources import ImageFolderSource, ImageSource
 
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
@@ -38,9 +36,6 @@ CHROMA_SUBSAMPLINGS = ("420", "444")
 RECIPE_MAX_RESOLUTION = 500
 RECIPE_JPEG_QUALITY = 95
 RECIPE_CHROMA = "444"
-# ffcv's default page (4 x 2 MiB). A page must hold the largest encoded image, so larger
-# images get larger pages (see _page_size).
-_DEFAULT_PAGE_SIZE = 1 << 23
 
 
 @dataclass
@@ -177,22 +172,6 @@ def _star_check_item(args: tuple[int, int]) -> tuple[int, str | None, int]:
     return _check_item(*args)
 
 
-def _page_size(largest_raw_bytes: int) -> int:
-    """A page size (power of two) that fits the largest image, raw or JPEG-encoded.
-
-    ffcv's workers cannot store an item larger than a page. A baseline JPEG can exceed the raw
-    size at quality 100 on noisy pictures, but not twice over; 64 KiB covers the headers.
-    """
-    need = 2 * largest_raw_bytes + (1 << 16)
-    size = _DEFAULT_PAGE_SIZE
-    while size < need:
-        size *= 2
-    if size >= 1 << 32:  # ffcv's limit (page offsets are uint32)
-        raise ValueError(f"an image of {largest_raw_bytes} raw bytes is too large for an FFCV page; "
-                         "lower max_resolution")
-    return size
-
-
 class _Samples:
     """Indexable (image, label) view of the checked items, as ffcv's writer expects."""
 
@@ -210,131 +189,6 @@ class _Samples:
             # It decoded in the first pass: the file changed since, or the disk failed.
             raise RuntimeError(f"{self.source.name(index)} failed to decode while writing "
                                f"(it passed the check before): {type(exc).__name__}: {exc}") from exc
-
-
-def _guarded_worker(work_fn: Any, error: Any, *args: Any) -> None:
-    """Run one ffcv writer worker; on failure, store a one-line message for the parent and exit non-zero."""
-    try:
-        work_fn(*args)
-    except BaseException as exc:  # noqa: BLE001 - the parent needs to hear about any failure
-        message = f"{type(exc).__name__}: {exc}".splitlines()[0]
-        with error.get_lock():
-            if not error.value:
-                error.value = message.encode(errors="replace")[:4095]
-        sys.exit(1)
-
-
-def _make_guarded_writer_class() -> type:
-    """Subclass of ffcv's DatasetWriter (built on demand so that importing this module does not import ffcv)."""
-    from ffcv.memory_allocator import MemoryAllocator
-    from ffcv.writer import DatasetWriter
-
-    class _GuardedWriter(DatasetWriter):
-        """ffcv's writer with a progress bar and a watch on its worker processes.
-
-        ffcv 1.0.2 waits for its workers by polling a shared counter: a worker that raises (an
-        image larger than a page, a full disk) dies and the parent waits forever, and its shared
-        memory is never released. This driver runs the same worker function and file layout
-        (ffcv's prepare/finalize) but stops, with the worker's error, as soon as one fails.
-        """
-
-        def __init__(self, fname: str, fields: dict, *, page_size: int, num_workers: int, progress: bool) -> None:
-            super().__init__(fname, fields, page_size=page_size, num_workers=num_workers)
-            self.progress = progress
-
-        def _write_common(self, num_samples: int, queue_content: Any, work_fn: Any, extra_worker_args: Any) -> None:
-            from tqdm import tqdm
-
-            context = multiprocessing.get_context("fork")  # workers inherit the dataset; it is not pickled
-            self.num_samples = num_samples
-            self.prepare()  # header, field descriptors; creates the shared metadata block
-            work = context.Queue()
-            allocations = context.Queue()
-            done = context.Value(ctypes.c_uint64, 0)
-            error = context.Array("c", 4096)
-            processes = []
-            bar = tqdm(total=num_samples, desc="writing", unit="img", disable=not self.progress, file=sys.stderr)
-            try:
-                for item in queue_content:
-                    work.put(item)
-                for _ in range(self.num_workers):
-                    work.put(None)  # one stop token per worker
-                allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
-                args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator, done, allocations,
-                        *extra_worker_args)
-                processes = [context.Process(target=_guarded_worker, args=(work_fn, error, *args), daemon=True)
-                             for _ in range(self.num_workers)]
-                for p in processes:
-                    p.start()
-                tables: list = []
-                # Each worker sends its allocation table when it has finished all its items.
-                while len(tables) < len(processes):
-                    self._raise_if_failed(processes, error)
-                    if int(done.value) > bar.n:
-                        bar.update(int(done.value) - bar.n)
-                    with contextlib.suppress(queue.Empty):
-                        tables.append(allocations.get(timeout=0.1))
-                if int(done.value) > bar.n:
-                    bar.update(int(done.value) - bar.n)
-                for p in processes:
-                    p.join()
-                self._raise_if_failed(processes, error)
-                if int(done.value) != num_samples:
-                    raise RuntimeError(f"ffcv's workers wrote {int(done.value)} of {num_samples} items")
-                self.finalize([entry for table in tables for entry in table])
-            finally:
-                bar.close()
-                for p in processes:
-                    if p.is_alive():
-                        p.terminate()
-                    p.join()
-                self.metadata_sm.close()
-                self.metadata_sm.unlink()
-
-        @staticmethod
-        def _raise_if_failed(processes: list, error: Any) -> None:
-            if error.value:
-                raise RuntimeError(f"a writer worker failed: {error.value.decode(errors='replace')}")
-            for p in processes:
-                if p.exitcode not in (None, 0):
-                    raise RuntimeError(f"a writer worker died with exit code {p.exitcode} "
-                                       "(a negative code is the signal that killed it, e.g. -9: out of memory)")
-
-    return _GuardedWriter
-
-
-@contextlib.contextmanager
-def _jpeg_chroma(chroma_subsampling: str) -> Iterator[None]:
-    """Make ffcv's JPEG encoder use the requested chroma subsampling while writing.
-
-    ffcv encodes with ``cv2.imencode('.jpg', img, [IMWRITE_JPEG_QUALITY, q])``, which gives
-    4:2:0 (libjpeg's default; checked with OpenCV 5.0: PIL reports sampling 2 == 4:2:0), and has
-    no option for it. A subclass of RGBImageField would not do: the writer stores the field
-    type by exact class, and a subclass makes the file unreadable without custom handlers. So
-    for 4:4:4 the module-level encoder is swapped for the duration of the write; the writer's
-    worker processes are forked inside this block and inherit the swap.
-    """
-    if chroma_subsampling == "420":
-        yield
-        return
-    import cv2
-    from ffcv.fields import rgb_image
-
-    def encode_jpeg_444(numpy_image: np.ndarray, quality: int) -> np.ndarray:
-        bgr = cv2.cvtColor(numpy_image, cv2.COLOR_RGB2BGR)
-        ok, result = cv2.imencode(".jpg", bgr, [int(cv2.IMWRITE_JPEG_QUALITY), quality,
-                                                int(cv2.IMWRITE_JPEG_SAMPLING_FACTOR),
-                                                int(cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444)])
-        if not ok:
-            raise ValueError("cv2.imencode failed to encode image as JPEG")
-        return result.reshape(-1)
-
-    original = rgb_image.encode_jpeg
-    rgb_image.encode_jpeg = encode_jpeg_444
-    try:
-        yield
-    finally:
-        rgb_image.encode_jpeg = original
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -393,12 +247,11 @@ def write_beton(source: str | Path | ImageSource, out_path: str | Path, *,
     tmp_path = out_path.with_name(f"{out_path.name}.tmp-{os.getpid()}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with _jpeg_chroma(chroma_subsampling):
-            writer = _make_guarded_writer_class()(str(tmp_path), fields, page_size=_page_size(largest),
-                                                  num_workers=num_workers, progress=progress)
+        with jpeg_chroma(chroma_subsampling):
             # Small chunks keep workers balanced on small datasets (ffcv's default is 100).
-            chunksize = max(1, min(100, len(good) // (num_workers * 4)))
-            writer.from_indexed_dataset(_Samples(source, good), chunksize=chunksize)
+            write_indexed(tmp_path, fields, _Samples(source, good), num_workers=num_workers,
+                          page_size=page_size_for(largest), chunksize=max(1, min(100, len(good) // (num_workers * 4))),
+                          progress=progress)
         os.replace(tmp_path, out_path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

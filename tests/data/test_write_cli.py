@@ -104,7 +104,7 @@ def test_writes_and_prints_the_report(train_dir: Path, tmp_path: Path, capsys: p
     # Progress bars (img/s and ETA) go to stderr.
     assert "checking" in captured.err and "writing" in captured.err and "img/s" in captured.err
     # Refuses to overwrite without --overwrite, replaces with it.
-    assert tool.main(["--source", str(train_dir), "--out", str(out), "--no-progress"]) == 2
+    assert _exit_code_and_stderr(["--source", str(train_dir), "--out", str(out)], capsys)[0] == 2
     assert tool.main(["--source", str(train_dir), "--out", str(out), "--overwrite", "--no-progress",
                       "--max-resolution", "64"]) == 0
     assert json.loads((tmp_path / "train.beton.report.json").read_text())["settings"]["max_resolution"] == 64
