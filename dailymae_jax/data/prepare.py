@@ -6,7 +6,13 @@ import dataclasses
 from pathlib import Path
 
 import numpy as np
-from ffcv.reader import Reader
+
+from dailymae_jax.data.beton import BetonError, check_beton
+
+# The sample photographs are cut and saved as quality-90 4:2:0 JPEGs (data/sample.py): re-encoding
+# them at the recipe's quality 95 / 4:4:4 would only make the sample file larger.
+_SAMPLE_JPEG_QUALITY = 90
+_SAMPLE_CHROMA = "420"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,19 +31,26 @@ def sample_beton(sample_dir: str | Path, *, num_images: int, seed: int = 0) -> P
     beton = sample_dir / "train.beton"
     if not beton.exists():
         make_sample_dataset(sample_dir, num_images=num_images, seed=seed)
-        write_beton(sample_dir / "train", beton)
+        write_beton(sample_dir / "train", beton, jpeg_quality=_SAMPLE_JPEG_QUALITY,
+                    chroma_subsampling=_SAMPLE_CHROMA)
     return beton
 
 
 def dataset_info(beton: str | Path) -> DatasetInfo:
-    """Sample count and class count (max label + 1) of a .beton with 'image' and 'label' fields."""
+    """Sample count and class count (max label + 1) of a .beton with 'image' and 'label' fields.
+
+    Raises FileNotFoundError for a missing file and :class:`~dailymae_jax.data.beton.BetonError` (a
+    ValueError) for a truncated, foreign or otherwise broken one, or one without those fields.
+    """
+    from ffcv.reader import Reader
+
     path = Path(beton)
     if not path.is_file():
         raise FileNotFoundError(f"data.train_path: no such file {path}")
+    info = check_beton(path)
+    for name, kind in (("image", "RGBImageField"), ("label", "IntField")):
+        if info.fields.get(name) != kind:
+            raise BetonError(f"{path}: needs a field {name!r} of type {kind}; the file has {info.fields}")
     reader = Reader(str(path))
-    fields = list(reader.handlers)
-    for name in ("image", "label"):
-        if name not in fields:
-            raise ValueError(f"{path}: field {name!r} missing; the file has {fields}")
-    labels = np.asarray(reader.metadata[f"f{fields.index('label')}"])
+    labels = np.asarray(reader.metadata[f"f{list(reader.handlers).index('label')}"])
     return DatasetInfo(path, int(reader.num_samples), int(labels.max()) + 1 if labels.size else 0)

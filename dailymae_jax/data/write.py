@@ -1,11 +1,17 @@
-"""Convert an ImageFolder split (``<class>/<image files>``) into an FFCV ``.beton`` file.
+"""Write an image source (ImageFolder split or prepared TFDS split) to an FFCV ``.beton`` file.
 
 Fields, in this order: ``'image'`` (``ffcv.fields.RGBImageField``) and ``'label'``
-(``ffcv.fields.IntField``), labels being the sorted class-folder indices as in torchvision's
-ImageFolder.
+(``ffcv.fields.IntField``).
 
-ffcv is imported inside the functions: importing it pulls in torch and numba and takes
-several seconds, which callers that only build sample data or parse configs should not pay.
+Writing runs in two passes. The first decodes every item in a process pool and sets aside the
+ones that cannot be read (each with a one-line reason, listed in the report), because ffcv's
+writer cannot drop an item once it has counted it. The second is ffcv's writer, run by
+:func:`dailymae_jax.data.beton.write_indexed`, which watches its worker processes so that a failing
+worker ends the write with an error instead of leaving it waiting forever. The file is written
+under a temporary name and renamed onto the output only on success.
+
+ffcv is imported inside the functions: importing it pulls in torch and numba and takes several
+seconds, which callers that only build sample data or parse configs should not pay.
 """
 
 from __future__ import annotations
@@ -14,31 +20,46 @@ import contextlib
 import json
 import multiprocessing
 import os
+import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
-from PIL import Image, ImageOps
 
-WRITE_MODES = ("raw", "jpg", "smart", "proportion")
+from dailymae_jax.data.beton import jpeg_chroma, page_size_for, write_indexed
+from dailymae_jax.data.sources import ImageFolderSource, ImageSource
+
+WRITE_MODES = ("jpg", "raw", "smart", "proportion")
 CHROMA_SUBSAMPLINGS = ("420", "444")
+# The dataset files of the DailyMAE recipe (docs/RECIPE: longest side 500 px, JPEG quality 95, 4:4:4).
+RECIPE_MAX_RESOLUTION = 500
+RECIPE_JPEG_QUALITY = 95
+RECIPE_CHROMA = "444"
 
 
 @dataclass
 class WriteReport:
-    """What :func:`write_beton` wrote and which source files it skipped (path, one-line reason)."""
+    """What :func:`write_beton` wrote and which source items it skipped (name, one-line reason)."""
 
     out_path: str
     num_written: int
     num_classes: int
     classes: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    source: dict = field(default_factory=dict)
     settings: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    file_bytes: int = 0
+
+    @property
+    def num_skipped(self) -> int:
+        return len(self.skipped)
 
     def as_dict(self) -> dict:
         """Plain-JSON-types view of the report."""
         d = asdict(self)
+        d["num_skipped"] = self.num_skipped
         d["skipped"] = [list(item) for item in self.skipped]
         return d
 
@@ -46,140 +67,21 @@ class WriteReport:
         """The report as indented JSON."""
         return json.dumps(self.as_dict(), indent=2)
 
-
-def load_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image file as an HxWx3 uint8 RGB array, EXIF orientation applied.
-
-    Grayscale, palette, CMYK, alpha and 16-bit images are all converted; transparent areas are
-    composited onto white because the colour stored under fully transparent pixels is arbitrary.
-    """
-    with Image.open(path) as im:
-        im.load()
-        im = ImageOps.exif_transpose(im)
-        return np.asarray(_to_rgb(im), dtype=np.uint8)
+    def summary(self) -> str:
+        """One line for a terminal."""
+        rate = self.num_written / self.seconds if self.seconds else 0.0
+        return (f"wrote {self.num_written} images ({self.num_classes} classes, {self.file_bytes / 2**20:.1f} MiB) "
+                f"to {self.out_path} in {self.seconds:.1f} s ({rate:.0f} img/s); skipped {self.num_skipped}")
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
-        # PIL's convert() clips high-bit-depth values to 255 instead of rescaling them.
-        arr = np.asarray(im, dtype=np.float64)
-        if im.mode.startswith("I;16") or arr.max(initial=0) > 255:
-            arr = arr / 257.0  # 65535 -> 255
-        im = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
-    if im.mode == "P":
-        im = im.convert("RGBA" if "transparency" in im.info else "RGB")
-    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        im = im.convert("RGBA")
-        background = Image.new("RGBA", im.size, (255, 255, 255, 255))
-        im = Image.alpha_composite(background, im)
-    return im.convert("RGB")
-
-
-def _check_image(path: str) -> str | None:
-    """Return None if ``path`` decodes to RGB, else a one-line reason."""
-    try:
-        load_rgb(path)
-    except Exception as exc:  # any decoder failure means "skip this file"
-        message = str(exc).splitlines()[0] if str(exc) else ""
-        return f"{type(exc).__name__}: {message}".rstrip(": ")
-    return None
-
-
-def _scan_folder(source_dir: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """List (classes, [(file, label)]) of an ImageFolder split, hidden entries ignored."""
-    if not source_dir.is_dir():
-        raise ValueError(f"source folder does not exist or is not a folder: {source_dir}")
-    classes = sorted(p.name for p in source_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files: list[tuple[str, int]] = []
-    for label, name in enumerate(classes):
-        for root, dirs, names in os.walk(source_dir / name):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            files.extend((os.path.join(root, n), label) for n in sorted(names) if not n.startswith("."))
-    if not files:
-        raise ValueError(f"source folder has no class sub-folders with files: {source_dir}")
-    return classes, files
-
-
-def _validate(files: list[tuple[str, int]], num_workers: int) -> tuple[list[tuple[str, int]], list[tuple[str, str]]]:
-    """Split files into good ones and skipped (path, reason), decoding each in a process pool.
-
-    This runs before writing because ffcv's writer cannot skip an item once it has counted it.
-    """
-    paths = [p for p, _ in files]
-    if num_workers > 1 and len(paths) > 1:
-        with multiprocessing.Pool(num_workers) as pool:
-            reasons = pool.map(_check_image, paths, chunksize=max(1, len(paths) // (num_workers * 8)))
-    else:
-        reasons = [_check_image(p) for p in paths]
-    good = [item for item, reason in zip(files, reasons) if reason is None]
-    skipped = [(item[0], reason) for item, reason in zip(files, reasons) if reason is not None]
-    return good, skipped
-
-
-class _ImageFolderSamples:
-    """Indexable (image, label) view of validated files, as ffcv's writer expects.
-
-    ffcv's writer workers have no way to report an exception: a worker that raises dies and the
-    parent waits forever. So a file that fails here (e.g. changed since validation) is counted
-    in shared memory and replaced by a 1x1 placeholder; write_beton then discards the output.
-    """
-
-    def __init__(self, samples: list[tuple[str, int]]) -> None:
-        self.samples = samples
-        self.num_failed = multiprocessing.Value("i", 0)
-        self.first_failure = multiprocessing.Array("c", 1024)
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
-        path, label = self.samples[index]
-        try:
-            return load_rgb(path), label
-        except Exception as exc:
-            with self.num_failed.get_lock():
-                if self.num_failed.value == 0:
-                    self.first_failure.value = f"{path}: {type(exc).__name__}: {exc}".encode()[:1023]
-                self.num_failed.value += 1
-            return np.zeros((1, 1, 3), np.uint8), label
-
-
-@contextlib.contextmanager
-def _jpeg_chroma(chroma_subsampling: str) -> Iterator[None]:
-    """Make ffcv's JPEG encoder use the requested chroma subsampling while writing.
-
-    ffcv encodes with ``cv2.imencode('.jpg', img, [IMWRITE_JPEG_QUALITY, q])``, which gives
-    4:2:0 (libjpeg's default; checked with OpenCV 5.0: PIL reports sampling 2 == 4:2:0), and has
-    no option for it. A subclass of RGBImageField would not do: the writer stores the field
-    type by exact class, and a subclass makes the file unreadable without custom handlers. So
-    for 4:4:4 the module-level encoder is swapped for the duration of the write; the writer's
-    worker processes are forked inside this block and inherit the swap.
-    """
-    if chroma_subsampling == "420":
-        yield
-        return
-    import cv2
-    from ffcv.fields import rgb_image
-
-    def encode_jpeg_444(numpy_image: np.ndarray, quality: int) -> np.ndarray:
-        bgr = cv2.cvtColor(numpy_image, cv2.COLOR_RGB2BGR)
-        ok, result = cv2.imencode(".jpg", bgr, [int(cv2.IMWRITE_JPEG_QUALITY), quality,
-                                                int(cv2.IMWRITE_JPEG_SAMPLING_FACTOR),
-                                                int(cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444)])
-        if not ok:
-            raise ValueError("cv2.imencode failed to encode image as JPEG")
-        return result.reshape(-1)
-
-    original = rgb_image.encode_jpeg
-    rgb_image.encode_jpeg = encode_jpeg_444
-    try:
-        yield
-    finally:
-        rgb_image.encode_jpeg = original
+def report_path(out_path: str | Path) -> Path:
+    """Where :func:`write_beton` saves the report of ``out_path``: ``<out_path>.report.json``."""
+    out_path = Path(out_path)
+    return out_path.with_name(out_path.name + ".report.json")
 
 
 def _check_settings(max_resolution: int, jpeg_quality: int, num_workers: int, write_mode: str,
-                    compress_probability: float, chroma_subsampling: str) -> None:
+                    smart_threshold: int | None, compress_probability: float, chroma_subsampling: str) -> None:
     if write_mode not in WRITE_MODES:
         raise ValueError(f"write_mode must be one of {WRITE_MODES}, got {write_mode!r}")
     if chroma_subsampling not in CHROMA_SUBSAMPLINGS:
@@ -192,96 +94,179 @@ def _check_settings(max_resolution: int, jpeg_quality: int, num_workers: int, wr
         raise ValueError(f"num_workers must be at least 1, got {num_workers}")
     if not 0.0 <= compress_probability <= 1.0:
         raise ValueError(f"compress_probability must be in [0, 1], got {compress_probability}")
+    # ffcv's smart mode without a threshold silently stores every image raw.
+    if write_mode == "smart" and (smart_threshold is None or smart_threshold < 0):
+        raise ValueError(f"write_mode 'smart' needs smart_threshold >= 0 (bytes of raw RGB above which an image is "
+                         f"JPEG-compressed, e.g. 206432), got {smart_threshold}")
+    if write_mode != "smart" and smart_threshold is not None:
+        raise ValueError(f"smart_threshold applies only to write_mode 'smart', not {write_mode!r}")
 
 
-def write_beton(source_dir: str | Path, out_path: str | Path, *, max_resolution: int = 500,
-                jpeg_quality: int = 90, num_workers: int = 2, write_mode: str = "jpg",
-                smart_threshold: int | None = None, compress_probability: float = 0.5,
-                chroma_subsampling: str = "420") -> WriteReport:
-    """Write the ImageFolder split ``source_dir`` to the FFCV file ``out_path``.
+def stored_size(height: int, width: int, max_resolution: int) -> tuple[int, int]:
+    """(height, width) ffcv stores for an image: scaled so the longest side is at most max_resolution.
 
-    Images larger than ``max_resolution`` on their longest side are downscaled by ffcv.
-    Unreadable files are skipped and listed in the report, which is also saved as
-    ``<out_path>.report.json``. The beton is written to ``<out_path>.tmp-<pid>`` and renamed
-    onto ``out_path`` only on success, so a failed run leaves neither file behind.
-    Raises ValueError for a missing/empty source folder, no readable image, or bad settings;
-    RuntimeError if an image fails to decode while being written.
+    Same arithmetic as ffcv's writer (scale factor, then truncation to int), so a 0 here is a 0 there.
     """
-    _check_settings(max_resolution, jpeg_quality, num_workers, write_mode, compress_probability,
-                    chroma_subsampling)
-    source_dir, out_path = Path(source_dir), Path(out_path)
-    classes, files = _scan_folder(source_dir)
-    good, skipped = _validate(files, num_workers)
-    if not good:
-        raise ValueError(f"no readable images in {source_dir} ({len(skipped)} files skipped)")
+    ratio = max_resolution / max(height, width)
+    if ratio >= 1:
+        return height, width
+    return int(ratio * height), int(ratio * width)
 
-    from ffcv.fields import IntField, RGBImageField
-    from ffcv.writer import DatasetWriter
+
+# The source being checked, set in each pool process by the initializer (forked, so not pickled twice).
+_CHECK_SOURCE: ImageSource | None = None
+
+
+def _set_check_source(source: ImageSource) -> None:
+    global _CHECK_SOURCE
+    _CHECK_SOURCE = source
+
+
+def _check_item(index: int, max_resolution: int) -> tuple[int, str | None, int]:
+    """(label, None, stored raw bytes) if item ``index`` can be written, else (-1, one-line reason, 0)."""
+    assert _CHECK_SOURCE is not None
+    try:
+        image, label = _CHECK_SOURCE.load(index)
+    except Exception as exc:  # any decoder failure means "skip this item"
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return -1, f"{type(exc).__name__}: {message}".rstrip(": "), 0
+    h, w = stored_size(image.shape[0], image.shape[1], max_resolution)
+    if h < 1 or w < 1:
+        return -1, (f"too thin: {image.shape[1]}x{image.shape[0]} px would be stored as {w}x{h} "
+                    f"at max_resolution {max_resolution}"), 0
+    if max(h, w) > 65535:  # ffcv stores sides as uint16
+        return -1, f"too large: {image.shape[1]}x{image.shape[0]} px; FFCV stores sides up to 65535 px", 0
+    return label, None, h * w * 3
+
+
+def _check_items(source: ImageSource, max_resolution: int, num_workers: int,
+                 progress: bool) -> tuple[list[tuple[int, int]], list[tuple[str, str]], int]:
+    """Decode every item: ([(index, label)] of good items, [(name, reason)] of skipped ones, largest raw size)."""
+    from tqdm import tqdm
+
+    _set_check_source(source)
+    indices = range(len(source))
+    args = [(i, max_resolution) for i in indices]
+    bar = tqdm(total=len(source), desc="checking", unit="img", disable=not progress, file=sys.stderr)
+    try:
+        # Always in worker processes, even for one worker: a TFDS source must not be read by the
+        # process that later forks ffcv's writer workers (see TfdsSource._source). fork: the source
+        # (possibly a list of a million paths) is inherited, not pickled.
+        context = multiprocessing.get_context("fork")
+        chunksize = max(1, min(256, len(source) // (num_workers * 16)))
+        results = []
+        with context.Pool(num_workers, initializer=_set_check_source, initargs=(source,)) as pool:
+            for result in pool.imap(_star_check_item, args, chunksize=chunksize):
+                results.append(result)
+                bar.update(1)
+    finally:
+        bar.close()
+        _set_check_source(None)
+    good = [(i, label) for i, (label, reason, _) in zip(indices, results) if reason is None]
+    skipped = [(source.name(i), reason) for i, (_, reason, _) in zip(indices, results) if reason is not None]
+    largest = max((nbytes for _, _, nbytes in results), default=0)
+    return good, skipped, largest
+
+
+def _star_check_item(args: tuple[int, int]) -> tuple[int, str | None, int]:
+    return _check_item(*args)
+
+
+class _Samples:
+    """Indexable (image, label) view of the checked items, as ffcv's writer expects."""
+
+    def __init__(self, source: ImageSource, items: list[tuple[int, int]]) -> None:
+        self.source, self.items = source, items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, k: int) -> tuple[np.ndarray, int]:
+        index, _ = self.items[k]
+        try:
+            return self.source.load(index)
+        except Exception as exc:
+            # It decoded in the first pass: the file changed since, or the disk failed.
+            raise RuntimeError(f"{self.source.name(index)} failed to decode while writing "
+                               f"(it passed the check before): {type(exc).__name__}: {exc}") from exc
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_beton(source: str | Path | ImageSource, out_path: str | Path, *,
+                max_resolution: int = RECIPE_MAX_RESOLUTION, jpeg_quality: int = RECIPE_JPEG_QUALITY,
+                num_workers: int = 2, write_mode: str = "jpg", smart_threshold: int | None = None,
+                compress_probability: float = 0.5, chroma_subsampling: str = RECIPE_CHROMA,
+                overwrite: bool = True, progress: bool = True) -> WriteReport:
+    """Write ``source`` (an ImageFolder split folder, or an :class:`ImageSource`) to the FFCV file ``out_path``.
+
+    Images larger than ``max_resolution`` on their longest side are downscaled (by ffcv, INTER_AREA).
+    ``write_mode``: 'jpg' (every image JPEG at ``jpeg_quality``), 'raw' (uncompressed RGB), 'smart'
+    (JPEG only when the raw image exceeds ``smart_threshold`` bytes), 'proportion' (JPEG with
+    probability ``compress_probability``). ``chroma_subsampling``: '444' or '420' for the JPEGs.
+
+    Unreadable items are skipped and listed in the report, which is also saved as
+    ``<out_path>.report.json``. The beton is written to ``<out_path>.tmp-<pid>`` and renamed onto
+    ``out_path`` only on success, so a failed run leaves no partial file behind (and an existing
+    file untouched). ``progress`` shows img/s and ETA on stderr for both passes.
+
+    Raises ValueError for bad settings, a missing/empty source or no readable image;
+    FileExistsError if ``out_path`` exists and not ``overwrite``; RuntimeError if writing fails
+    (a worker error, e.g. an image that stopped decoding after the check, or a full disk).
+    """
+    _check_settings(max_resolution, jpeg_quality, num_workers, write_mode, smart_threshold, compress_probability,
+                    chroma_subsampling)
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise ValueError(f"output path is a folder, give a file name: {out_path}")
+    if out_path.exists() and not overwrite:
+        raise FileExistsError(f"output file exists (pass overwrite to replace it): {out_path}")
+    if not isinstance(source, ImageSource):
+        source = ImageFolderSource(source)
+    from ffcv.fields import IntField, RGBImageField  # several seconds (torch, numba): kept out of the timing
+
+    start = time.perf_counter()
+    good, skipped, largest = _check_items(source, max_resolution, num_workers, progress)
+    if not good:
+        first = f"; first: {skipped[0][0]}: {skipped[0][1]}" if skipped else ""
+        raise ValueError(f"no readable images in {source.describe()} ({len(skipped)} skipped{first})")
 
     fields = {
-        "image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution,
-                               jpeg_quality=jpeg_quality, smart_threshold=smart_threshold,
-                               compress_probability=compress_probability),
+        "image": RGBImageField(write_mode=write_mode, max_resolution=max_resolution, jpeg_quality=jpeg_quality,
+                               smart_threshold=smart_threshold, compress_probability=compress_probability),
         "label": IntField(),
     }
-    samples = _ImageFolderSamples(good)
     tmp_path = out_path.with_name(f"{out_path.name}.tmp-{os.getpid()}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with _jpeg_chroma(chroma_subsampling):
-            writer = DatasetWriter(str(tmp_path), fields, num_workers=num_workers)
+        with jpeg_chroma(chroma_subsampling):
             # Small chunks keep workers balanced on small datasets (ffcv's default is 100).
-            chunksize = max(1, min(100, len(good) // (num_workers * 4)))
-            writer.from_indexed_dataset(samples, chunksize=chunksize)
-        if samples.num_failed.value:
-            raise RuntimeError(f"{samples.num_failed.value} image(s) failed to decode while writing "
-                               f"{out_path}, first: {samples.first_failure.value.decode(errors='replace')}")
+            write_indexed(tmp_path, fields, _Samples(source, good), num_workers=num_workers,
+                          page_size=page_size_for(largest), chunksize=max(1, min(100, len(good) // (num_workers * 4))),
+                          progress=progress)
         os.replace(tmp_path, out_path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
 
+    labels = [label for _, label in good]
+    classes = source.classes or [str(c) for c in range(max(labels) + 1)]
     report = WriteReport(
         out_path=str(out_path), num_written=len(good), num_classes=len(classes), classes=classes,
-        skipped=skipped,
+        skipped=skipped, source=source.describe(),
         settings={"max_resolution": max_resolution, "jpeg_quality": jpeg_quality, "write_mode": write_mode,
                   "smart_threshold": smart_threshold, "compress_probability": compress_probability,
                   "chroma_subsampling": chroma_subsampling},
+        seconds=round(time.perf_counter() - start, 3), file_bytes=out_path.stat().st_size,
     )
-    out_path.with_name(out_path.name + ".report.json").write_text(report.to_json())
+    _write_atomically(report_path(out_path), report.to_json())
     return report
-
-
-def read_beton_info(path: str | Path) -> dict:
-    """Return ``{'num_samples': int, 'fields': [names]}`` of an FFCV file.
-
-    The header and allocation table are checked first, so a truncated, missing or foreign file
-    raises ValueError naming the file instead of ffcv's assertion or a numpy read error.
-    """
-    from ffcv.reader import Reader
-    from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, FieldDescType, HeaderType
-
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"not an FFCV file: {path} does not exist")
-    size = path.stat().st_size
-    if size < HeaderType.itemsize:
-        raise ValueError(f"not an FFCV file: {path} is too short ({size} bytes)")
-    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
-    if int(header["version"]) != CURRENT_VERSION:
-        raise ValueError(f"not an FFCV v{CURRENT_VERSION} file: {path} (header version {int(header['version'])})")
-    fields_end = HeaderType.itemsize + int(header["num_fields"]) * FieldDescType.itemsize
-    table_ptr = int(header["alloc_table_ptr"])
-    if not fields_end <= table_ptr <= size or (size - table_ptr) % ALLOC_TABLE_TYPE.itemsize:
-        raise ValueError(f"truncated or corrupt FFCV file: {path} (allocation table at {table_ptr}, size {size})")
-    try:
-        reader = Reader(str(path))
-    except Exception as exc:
-        raise ValueError(f"unreadable FFCV file: {path} ({type(exc).__name__}: {exc})") from exc
-    table = reader.alloc_table
-    if len(table) and int((table["ptr"] + table["size"]).max()) > table_ptr:
-        raise ValueError(f"truncated or corrupt FFCV file: {path} (sample data past the allocation table)")
-    if len(reader.metadata) != int(reader.num_samples):
-        raise ValueError(f"truncated or corrupt FFCV file: {path} (metadata shorter than {reader.num_samples} samples)")
-    return {"num_samples": int(reader.num_samples), "fields": list(reader.field_names)}
