@@ -10,7 +10,7 @@ Any config field can be overridden, e.g. --config.train.epochs=2 --config.data.t
 Running again with the same workdir resumes from its last checkpoint.
 
 Exit codes: 0 done; 1 stopped on a non-finite loss or a failed checkpoint save (earlier checkpoints kept);
-2 bad flag or config value (one line names it); 128+N stopped by signal N after saving a checkpoint.
+2 bad flag, config value or dataset file (one line names it); 128+N stopped by signal N after saving a checkpoint.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def main(argv: list[str]) -> None:
 
     from dailymae_jax.checkpoint import CheckpointSaveError
     from dailymae_jax.config import ConfigError, validate
+    from dailymae_jax.data.beton import BetonError
     from dailymae_jax.train import pretrain
     from dailymae_jax.train.guards import Interrupted, NonFiniteError
 
@@ -52,6 +53,8 @@ def main(argv: list[str]) -> None:
         summary = pretrain.run(config, _WORKDIR.value)
     except ConfigError as error:
         _fail(f"config error: {error}", 2)
+    except BetonError as error:
+        _fail(f"data error: {error}", 2)
     except NonFiniteError as error:
         _fail(f"error: {error}; nothing after it was checkpointed (lower train.base_lr, raise "
               "train.warmup_epochs, or use model.dtype=float32), then run the same command to resume", 1)

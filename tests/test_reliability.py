@@ -242,3 +242,15 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(runs):
     for key, value in reference.items():
         np.testing.assert_array_equal(params[key], value, err_msg=key)
 
+
+
+def test_truncated_dataset_gives_one_line_and_exit_code_2(tmp_path, sample_beton):
+    truncated = tmp_path / "train.beton"
+    data = sample_beton.read_bytes()
+    truncated.write_bytes(data[:len(data) // 2])
+    result = run_command(main_command(tmp_path / "run", f"--config.data.train_path={truncated}"), check=False,
+                         timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("data error:")]
+    assert len(errors) == 1 and str(truncated) in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
