@@ -1,8 +1,9 @@
 """Entry point: ``python -m dailymae_jax.main --config=configs/<recipe>.py --workdir=DIR``.
 
 Any config field can be overridden on the command line, e.g. ``--config.train.epochs=2``. The recipes live
-in configs/: mae_b16.py (the paper's ViT-B/16) and mae_demo.py (a small run on the sample data). Running
-again with the same workdir resumes from its last checkpoint.
+in configs/: mae_b16.py (the paper's ViT-B/16) and mae_demo.py (a small run on the sample data) pretrain;
+finetune_b16.py / finetune_demo.py and linprobe_b16.py / linprobe_demo.py evaluate a pretrained encoder
+(``config.task`` picks the task). Running again with the same workdir resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ def main(argv: list[str]) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from dailymae_jax.config import ConfigError, validate
-    from dailymae_jax.train import pretrain
 
     config = _CONFIG.value
     try:
         validate(config)  # before any data is written or compiled
+        if config.task in ("finetune", "linprobe"):
+            return _run_classifier(config, _WORKDIR.value)
+        from dailymae_jax.train import pretrain
         pretrain.train_beton(config)  # builds the sample data, if asked, before JAX starts threads
         summary = pretrain.run(config, _WORKDIR.value)
     except ConfigError as error:
@@ -47,6 +50,19 @@ def main(argv: list[str]) -> None:
         print(f"exported {name}: {path}")
     if "reconstruction" in summary:
         print(f"reconstructions: {summary['reconstruction']}")
+
+
+def _run_classifier(config, workdir: str) -> None:
+    """The finetune and linprobe tasks (train/finetune.py, train/linprobe.py)."""
+    import importlib
+
+    task = importlib.import_module(f"dailymae_jax.train.{config.task}")
+    task.prepare_data(config)  # writes the sample .beton files, if asked, before JAX starts threads
+    summary = task.run(config, workdir)
+    print(f"summary: {workdir}/summary.json — {summary['steps']} steps, val top-1 {summary['val_top1']:.4f} "
+          f"top-5 {summary['val_top5']:.4f} over {summary['val_count']} images at {summary['val_resolution']} px "
+          f"(chance {summary['chance_top1']:.4f}), {summary['compilations_during_training']} compilations "
+          "during training")
 
 
 def run() -> None:

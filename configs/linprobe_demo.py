@@ -1,0 +1,38 @@
+"""Linear probing of the demo pretraining run on the sample dataset, in a few CPU minutes.
+
+Launch (after `make demo`, which pretrains into runs/demo):
+
+  python -m dailymae_jax.main --config=configs/linprobe_demo.py --workdir=runs/linprobe_demo \
+      --config.init.workdir=runs/demo
+
+Expected on 2 CPU cores: EXPECTED_PLACEHOLDER
+"""
+
+import ml_collections
+
+from configs import linprobe_b16
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = linprobe_b16.get_config()
+    c.data.sample_dir = "data/sample"
+    c.data.global_batch_size = 32
+    c.data.num_workers = 2
+
+    c.model.size = "tiny"
+    c.model.depth = 4
+    c.model.dtype = "float32"
+
+    c.init.workdir = "runs/demo"
+
+    c.train.epochs = 10
+    c.train.warmup_epochs = 1
+    c.train.base_lr = 1.0  # lr = 0.125 at batch 32
+    c.train.log_every_steps = 10
+
+    c.schedule.resolution = 128
+    c.eval.resolutions = (128,)
+    c.eval.global_batch_size = 64
+
+    c.checkpoint.every_steps = 1000
+    return c
