@@ -71,20 +71,30 @@ def gaussian_blur(images: jax.Array, sigma: jax.Array, radius: int = BLUR_RADIUS
     return _filter_axis(_filter_axis(images, weights, 1), weights, 2)
 
 
+def draw_three_augment(rng: jax.Array, batch: int, *, sigma_range: tuple[float, float] = BLUR_SIGMA_RANGE
+                       ) -> tuple[jax.Array, jax.Array]:
+    """Per sample: which op (int32 GRAYSCALE / SOLARIZE / BLUR, uniform) and the blur sigma ~ U(sigma_range)."""
+    choice_rng, sigma_rng = jax.random.split(rng)
+    choice = jax.random.randint(choice_rng, (batch,), 0, 3)
+    sigma = jax.random.uniform(sigma_rng, (batch,), minval=sigma_range[0], maxval=sigma_range[1])
+    return choice, sigma
+
+
+def apply_three_augment(images: jax.Array, choice: jax.Array, sigma: jax.Array) -> jax.Array:
+    """Sample i gets op ``choice[i]`` (its blur, if chosen, with ``sigma[i]``) and nothing else."""
+    pick = choice[:, None, None, None]
+    return jnp.where(pick == GRAYSCALE, grayscale(images),
+                     jnp.where(pick == SOLARIZE, solarize(images), gaussian_blur(images, sigma)))
+
+
 def three_augment(rng: jax.Array, images: jax.Array, *,
                   sigma_range: tuple[float, float] = BLUR_SIGMA_RANGE) -> tuple[jax.Array, jax.Array]:
     """Applies exactly one of grayscale, solarize, Gaussian blur to each image, chosen uniformly.
 
-    Returns the images and the (B,) int32 choice (GRAYSCALE, SOLARIZE or BLUR) per sample.
+    Returns the images and the (B,) int32 choice per sample.
     """
-    choice_rng, sigma_rng = jax.random.split(rng)
-    batch = images.shape[0]
-    choice = jax.random.randint(choice_rng, (batch,), 0, 3)
-    sigma = jax.random.uniform(sigma_rng, (batch,), minval=sigma_range[0], maxval=sigma_range[1])
-    candidates = (grayscale(images), solarize(images), gaussian_blur(images, sigma))
-    pick = choice[:, None, None, None]
-    out = jnp.where(pick == GRAYSCALE, candidates[0], jnp.where(pick == SOLARIZE, candidates[1], candidates[2]))
-    return out, choice
+    choice, sigma = draw_three_augment(rng, images.shape[0], sigma_range=sigma_range)
+    return apply_three_augment(images, choice, sigma), choice
 
 
 def adjust_brightness(images: jax.Array, factor: jax.Array) -> jax.Array:
