@@ -6,6 +6,7 @@ Every error is a ``ConfigError`` whose message is one line naming the key and wh
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import ml_collections
@@ -120,6 +121,15 @@ def _check_range(key: str, value: float, low: float, high: float, *, high_open: 
         raise ConfigError(f"{key} {value} must lie in [{low}, {high}{bracket}")
 
 
+def checkpoint_steps(workdir: str | Path) -> list[int]:
+    """Steps of the complete checkpoints in ``<workdir>/checkpoints`` (orbax renames a step's folder into
+    place only when it is complete), ascending."""
+    directory = Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "state").is_dir())
+
+
 def validate_classifier(config: ml_collections.ConfigDict, *, device_count: int | None = None) -> None:
     """Checks for the finetune and linprobe tasks (see validate)."""
     from dailymae_jax.pretrained import FILE_IMPORTERS, SOURCES
@@ -148,14 +158,20 @@ def validate_classifier(config: ml_collections.ConfigDict, *, device_count: int 
     init = config.init
     if init.source not in SOURCES:
         raise ConfigError(f"init.source {init.source!r}; allowed: {', '.join(SOURCES)}")
-    if init.source == "pretrain" and not init.workdir:
-        raise ConfigError("init.workdir: missing; give the workdir of a pretraining run "
-                          "(e.g. --config.init.workdir=runs/demo) or set init.source=scratch")
+    if init.source == "pretrain":
+        if not init.workdir:
+            raise ConfigError("init.workdir: missing; give the workdir of a pretraining run "
+                              "(e.g. --config.init.workdir=runs/demo) or set init.source=scratch")
+        if not checkpoint_steps(init.workdir):
+            raise ConfigError(f"init.workdir: no checkpoint in {init.workdir}/checkpoints; run the pretrain task "
+                              "there first (make demo writes runs/demo)")
     if init.source == "file":
         if init.format not in FILE_IMPORTERS:
             raise ConfigError(f"init.format {init.format!r}; allowed: {', '.join(FILE_IMPORTERS)}")
         if not init.path:
             raise ConfigError("init.path: missing; give a .pth or .safetensors checkpoint")
+        if not Path(init.path).is_file():
+            raise ConfigError(f"init.path: no such file {init.path}")
     _check_range("data.crop_scale[0]", data.crop_scale[0], 0.0, data.crop_scale[1])
     _check_range("data.crop_scale[1]", data.crop_scale[1], data.crop_scale[0], 1.0)
     evaluation = config.eval

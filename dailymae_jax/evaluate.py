@@ -32,10 +32,12 @@ class EvalResult:
     top5: float
     per_class_count: tuple[int, ...]
     per_class_top1: tuple[int, ...]  # hits per class
+    per_class_top5: tuple[int, ...]
 
     def as_dict(self) -> dict[str, Any]:
         return {"resolution": self.resolution, "count": self.count, "top1": self.top1, "top5": self.top5,
-                "per_class_count": list(self.per_class_count), "per_class_top1": list(self.per_class_top1)}
+                "per_class_count": list(self.per_class_count), "per_class_top1": list(self.per_class_top1),
+                "per_class_top5": list(self.per_class_top5)}
 
 
 def make_eval_step(logits_fn: LogitsFn, num_classes: int, top_k: int = 5):
@@ -79,4 +81,5 @@ def evaluate(executable: Callable, state: Any, loader: EvalLoader) -> EvalResult
     return EvalResult(resolution=loader.resolution, count=count, top1=float(totals["top1"].sum() / count),
                       top5=float(totals["top5"].sum() / count),
                       per_class_count=tuple(int(c) for c in totals["count"]),
-                      per_class_top1=tuple(int(c) for c in totals["top1"]))
+                      per_class_top1=tuple(int(c) for c in totals["top1"]),
+                      per_class_top5=tuple(int(c) for c in totals["top5"]))

@@ -54,9 +54,9 @@ def main(argv: list[str]) -> None:
 
 def _run_classifier(config, workdir: str) -> None:
     """The finetune and linprobe tasks (train/finetune.py, train/linprobe.py)."""
-    import importlib
+    from dailymae_jax.train import finetune, linprobe
 
-    task = importlib.import_module(f"dailymae_jax.train.{config.task}")
+    task = {"finetune": finetune, "linprobe": linprobe}[config.task]
     task.prepare_data(config)  # writes the sample .beton files, if asked, before JAX starts threads
     summary = task.run(config, workdir)
     print(f"summary: {workdir}/summary.json — {summary['steps']} steps, val top-1 {summary['val_top1']:.4f} "

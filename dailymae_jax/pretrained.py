@@ -26,7 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from dailymae_jax.config import ConfigError
+from dailymae_jax.config import ConfigError, checkpoint_steps
 from dailymae_jax.model.mae import encoder_params
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,7 @@ FILE_IMPORTERS: dict[str, Callable[[str | Path], PyTree]] = {
 def restore_pretrain_params(workdir: str | Path, step: int | None = None) -> PyTree:
     """The MAE parameters (numpy, host memory) of a pretraining workdir's checkpoint; nothing else is read."""
     directory = Path(workdir).resolve() / "checkpoints"
-    steps = sorted(int(p.name) for p in directory.glob("*") if p.name.isdigit() and (p / "state").is_dir()) \
-        if directory.is_dir() else []
+    steps = checkpoint_steps(workdir)
     if not steps:
         raise PretrainedError(f"init.workdir: no checkpoint in {directory}; run the pretrain task there first")
     if step is None:

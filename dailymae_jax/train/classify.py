@@ -103,7 +103,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, build_parts: Bui
     position = DataPosition(0, 0)
     init_report: dict[str, Any]
     if checkpointer.latest_step() is not None:
-        state, position, meta_config = checkpointer.restore(abstract_state)
+        state, position, _ = checkpointer.restore(abstract_state)
         init_report = {"source": "resumed", "from": str(checkpointer.path(int(state.step)))}
         log.info("resumed from %s at epoch %d, step %d of the epoch", init_report["from"], position.epoch,
                  position.step_in_epoch)

@@ -27,7 +27,7 @@ VIT = VisionTransformer(width=32, depth=DEPTH, heads=2, patch=16, num_classes=5,
 
 @pytest.fixture(scope="module")
 def vit_params():
-    return VIT.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
+    return jax.jit(VIT.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
 
 
 def test_layer_decay_per_block_matches_formula(vit_params):
@@ -117,8 +117,8 @@ def test_lars_matches_mae_update_rule_with_a_changing_rate():
 
 
 def test_finetune_step_trains_on_photos(photo_batch):
-    tx = make_finetune_optimizer(VIT.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"],
-                                 learning_rate=optax.constant_schedule(1e-3), weight_decay=0.05, b1=0.9,
+    shapes = jax.eval_shape(VIT.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
+    tx = make_finetune_optimizer(shapes, learning_rate=optax.constant_schedule(1e-3), weight_decay=0.05, b1=0.9,
                                  b2=0.999, layer_decay=0.75, depth=DEPTH)
     init = functools.partial(finetune.init_state, model=VIT, tx=tx, resolution=64)
     state, _ = create_state(init, jax.random.PRNGKey(0), make_mesh())
@@ -154,8 +154,9 @@ def pretrain_workdir(tmp_path_factory):
     mae = MaskedAutoencoder(width=32, depth=DEPTH, heads=2, patch=16, decoder_width=16, decoder_depth=1,
                             decoder_heads=2)
     tx = make_optimizer(learning_rate=optax.constant_schedule(1e-3), weight_decay=0.05, b1=0.9, b2=0.95)
-    state = init_state(jax.random.PRNGKey(1), model=mae, probe=LinearProbe(num_classes=4), tx=tx,
-                       probe_tx=make_probe_optimizer(1e-3), resolution=64, mask_ratio=0.75)
+    state = jax.jit(functools.partial(init_state, model=mae, probe=LinearProbe(num_classes=4), tx=tx,
+                                      probe_tx=make_probe_optimizer(1e-3), resolution=64, mask_ratio=0.75))(
+        jax.random.PRNGKey(1))
     workdir = tmp_path_factory.mktemp("pretrain")
     checkpointer = Checkpointer(workdir, keep=2)
     checkpointer.save(7, state, DataPosition(1, 0), {"task": "pretrain"})
@@ -183,11 +184,11 @@ def test_init_from_our_pretraining_maps_the_encoder_and_keeps_a_fresh_head(pretr
 def test_init_errors_are_one_line_and_name_the_key(pretrain_workdir, tmp_path):
     workdir, _ = pretrain_workdir
     wider = VisionTransformer(width=48, depth=DEPTH, heads=2, patch=16, num_classes=5, global_pool=True)
-    params = wider.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
+    params = jax.eval_shape(wider.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
     with pytest.raises(pretrained.PretrainedError, match=r"^init: pretrained .* has shape .* model\.size"):
         pretrained.init_from_pretrained(_init_config(workdir), params)
     deeper = VisionTransformer(width=32, depth=DEPTH + 1, heads=2, patch=16, num_classes=5, global_pool=True)
-    params = deeper.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
+    params = jax.eval_shape(deeper.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
     with pytest.raises(pretrained.PretrainedError, match="lacks blocks_3"):
         pretrained.init_from_pretrained(_init_config(workdir), params)
     with pytest.raises(pretrained.PretrainedError, match="^init.workdir: no checkpoint"):
