@@ -10,7 +10,12 @@ the sample dataset's held-out crops (124 images, 14 classes: chance is 1/14 ≈ 
 of configs/mae_demo.py gets global pooling + fc_norm and a fresh head, and trains with the full recipe
 (layer decay, drop path, Three Augmentation, Mixup/CutMix, label smoothing) at a higher learning rate.
 
-Expected on 2 CPU cores: EXPECTED_PLACEHOLDER
+Expected (measured on 2 CPU cores shared with other jobs, load average ≈ 8–10): 140 steps, val top-1 0.806
+(best 0.823 at epoch 7), top-5 1.000 over the 124 validation images (chance 0.071); 4.6 CPU-minutes (user),
+10.5 minutes wall on that busy machine; 0 compilations during training. The run is deterministic: the same
+numbers on every run. Linear probing the same encoder (configs/linprobe_demo.py) reaches 0.976: with 140
+steps, the recipe's regularisation (Mixup/CutMix, label smoothing, drop path) costs finetuning more than it
+gives on 14 classes cut from 14 photographs.
 """
 
 import ml_collections

@@ -40,8 +40,9 @@ def pretrained_run(tmp_path_factory):
 def test_finetune_from_our_pretraining(pretrained_run):
     root = pretrained_run
     workdir = root / "finetune"
-    result = run_main("configs/finetune_demo.py", workdir, root / "sample", f"--config.init.workdir={root / 'pretrain'}",
-                      "--config.train.epochs=2", "--config.train.log_every_steps=1",
+    result = run_main("configs/finetune_demo.py", workdir, root / "sample",
+                      f"--config.init.workdir={root / 'pretrain'}", "--config.train.epochs=2",
+                      "--config.train.log_every_steps=1",
                       "--config.schedule.stages=((0, 96), (1, 128))", "--config.eval.resolutions=(128, 96)",
                       "--config.eval.global_batch_size=8", devices=2)
     summary = json.loads((workdir / "summary.json").read_text())
@@ -66,8 +67,9 @@ def test_finetune_from_our_pretraining(pretrained_run):
     assert [h["epoch"] for h in summary["history"]] == [0, 1]
     assert "val top-1" in result.stdout and "over 28 images" in result.stdout
     # A finished run is not retrained.
-    again = run_main("configs/finetune_demo.py", workdir, root / "sample", f"--config.init.workdir={root / 'pretrain'}",
-                     "--config.train.epochs=2", "--config.schedule.stages=((0, 96), (1, 128))",
+    again = run_main("configs/finetune_demo.py", workdir, root / "sample",
+                     f"--config.init.workdir={root / 'pretrain'}", "--config.train.epochs=2",
+                     "--config.schedule.stages=((0, 96), (1, 128))",
                      "--config.eval.resolutions=(128, 96)", "--config.eval.global_batch_size=8", devices=2)
     assert json.loads((workdir / "summary.json").read_text()) == summary and "14 steps" in again.stdout
 

@@ -8,6 +8,8 @@ import optax
 from dailymae_jax import mixup
 
 C = 10
+# Compiled once per configuration: eager dispatch of every small op would dominate these tests' time.
+mix_batch = jax.jit(mixup.mix_batch, static_argnames=("num_classes", "cfg", "groups"))
 
 
 def distinct_images(batch, size=32):
@@ -27,7 +29,7 @@ def test_cutmix_box_area_matches_lambda_and_targets():
     cfg = mixup.MixupConfig(mixup_alpha=0.0, cutmix_alpha=1.0, prob=1.0, label_smoothing=0.1)
     seen_partial = False
     for seed in range(20):
-        mixed, targets, lam = mixup.mix_batch(jax.random.PRNGKey(seed), images, labels, num_classes=C, cfg=cfg,
+        mixed, targets, lam = mix_batch(jax.random.PRNGKey(seed), images, labels, num_classes=C, cfg=cfg,
                                               groups=groups)
         mixed, targets, lam = np.asarray(mixed), np.asarray(targets), np.asarray(lam)
         np.testing.assert_allclose(targets.sum(1), 1.0, rtol=1e-5)
@@ -55,7 +57,7 @@ def test_mixup_blends_with_lambda():
     batch = 6
     images, labels = distinct_images(batch, 4), jnp.arange(batch)
     cfg = mixup.MixupConfig(mixup_alpha=0.8, cutmix_alpha=0.0, prob=1.0, label_smoothing=0.0)
-    mixed, targets, lam = mixup.mix_batch(jax.random.PRNGKey(1), images, labels, num_classes=C, cfg=cfg)
+    mixed, targets, lam = mix_batch(jax.random.PRNGKey(1), images, labels, num_classes=C, cfg=cfg)
     lam = float(lam[0])
     assert 0.0 < lam < 1.0
     for i in range(batch):
@@ -72,12 +74,12 @@ def test_switch_probability_picks_both_modes_and_prob_zero_is_smoothing_only():
     cfg = mixup.MixupConfig()  # mixup 0.8, cutmix 1.0, switch 0.5
     modes = set()
     for seed in range(40):
-        mixed, _, _ = mixup.mix_batch(jax.random.PRNGKey(seed), images, labels, num_classes=C, cfg=cfg)
+        mixed, _, _ = mix_batch(jax.random.PRNGKey(seed), images, labels, num_classes=C, cfg=cfg)
         values = np.unique(np.asarray(mixed)[0])
         modes.add("cutmix" if set(values) <= {1.0, 4.0} else "mixup")
     assert modes == {"cutmix", "mixup"}
     off = mixup.MixupConfig(prob=0.0, label_smoothing=0.1)
-    mixed, targets, lam = mixup.mix_batch(jax.random.PRNGKey(0), images, labels, num_classes=C, cfg=off)
+    mixed, targets, lam = mix_batch(jax.random.PRNGKey(0), images, labels, num_classes=C, cfg=off)
     np.testing.assert_array_equal(np.asarray(mixed), np.asarray(images))
     np.testing.assert_allclose(np.asarray(targets), np.asarray(mixup.smooth_one_hot(labels, C, 0.1)))
     assert np.all(np.asarray(lam) == 1.0)

@@ -11,6 +11,9 @@ from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from dailymae_jax import three_augment as ta
 
 
+blur = jax.jit(ta.gaussian_blur, static_argnames=("radius",))
+
+
 def as_float(batch):
     return jnp.asarray(batch, jnp.float32)
 
@@ -37,7 +40,7 @@ def test_solarize_matches_pil_threshold_128(photo_batch):
 @pytest.mark.parametrize("sigma", [0.1, 0.5, 1.0, 2.0])
 def test_gaussian_blur_matches_scipy_and_pil(photo_batch, sigma):
     images = photo_batch[:4]
-    ours = np.asarray(ta.gaussian_blur(as_float(images), jnp.full((4,), sigma)))
+    ours = np.asarray(blur(as_float(images), jnp.full((4,), sigma)))
     for image, blurred in zip(images, ours):
         # scipy with the same support (6 taps each side) and border rule (mirror, edge pixel repeated).
         reference = ndi.gaussian_filter(image.astype(np.float64), sigma=(sigma, sigma, 0), mode="reflect",
@@ -59,7 +62,7 @@ def test_blur_kernel_is_the_normalised_gaussian():
     # Blurring a single bright pixel draws the separable kernel: outer(k, k).
     delta = np.zeros((1, 31, 31, 3), np.float32)
     delta[0, 15, 15] = 1.0
-    out = np.asarray(ta.gaussian_blur(jnp.asarray(delta), jnp.array([1.5])))[0, ..., 0]
+    out = np.asarray(blur(jnp.asarray(delta), jnp.array([1.5])))[0, ..., 0]
     k = np.asarray(ta.gaussian_kernels(jnp.array([1.5])))[0]
     np.testing.assert_allclose(out[15 - 6:15 + 7, 15 - 6:15 + 7], np.outer(k, k), atol=1e-7)
     np.testing.assert_allclose(out.sum(), 1.0, rtol=1e-5)
@@ -68,12 +71,12 @@ def test_blur_kernel_is_the_normalised_gaussian():
 def test_each_sample_gets_exactly_one_op(photo_batch):
     images = as_float(np.concatenate([photo_batch] * 8))  # 64 real photographs
     rng = jax.random.PRNGKey(3)
-    out, choice = ta.three_augment(rng, images)
+    out, choice = jax.jit(ta.three_augment)(rng, images)
     out, choice = np.asarray(out), np.asarray(choice)
     drawn_choice, sigma = ta.draw_three_augment(rng, len(images))
     np.testing.assert_array_equal(choice, np.asarray(drawn_choice))
     candidates = np.stack([np.asarray(ta.grayscale(images)), np.asarray(ta.solarize(images)),
-                           np.asarray(ta.gaussian_blur(images, sigma))])  # (3, B, H, W, 3)
+                           np.asarray(blur(images, sigma))])  # (3, B, H, W, 3)
     assert set(np.unique(choice)) == {ta.GRAYSCALE, ta.SOLARIZE, ta.BLUR}
     for i in range(len(images)):
         matches = [np.allclose(out[i], candidates[op, i], atol=1e-4) for op in range(3)]
@@ -85,7 +88,7 @@ def test_each_sample_gets_exactly_one_op(photo_batch):
 
 def test_op_choice_is_uniform():
     images = jnp.zeros((3000, 2, 2, 3))
-    _, choice = ta.three_augment(jax.random.PRNGKey(0), images)
+    _, choice = jax.jit(ta.three_augment)(jax.random.PRNGKey(0), images)
     counts = np.bincount(np.asarray(choice), minlength=3)
     assert np.all(np.abs(counts - 1000) < 100), counts
 
@@ -110,6 +113,6 @@ def test_color_jitter_ops_match_pil_enhance(photo_batch):
 def test_color_jitter_strength_zero_is_identity_and_output_stays_in_range(photo_batch):
     images = as_float(photo_batch)
     np.testing.assert_array_equal(np.asarray(ta.color_jitter(jax.random.PRNGKey(0), images, 0.0)), photo_batch)
-    out = np.asarray(ta.color_jitter(jax.random.PRNGKey(0), images, 0.4))
+    out = np.asarray(jax.jit(ta.color_jitter, static_argnums=2)(jax.random.PRNGKey(0), images, 0.4))
     assert out.min() >= 0.0 and out.max() <= 255.0
     assert np.abs(out - photo_batch).mean() > 1.0
