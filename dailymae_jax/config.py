@@ -14,7 +14,8 @@ import ml_collections
 from dailymae_jax.model.vit import SIZES, VitSize
 from dailymae_jax.train.schedule import Stage, preset_stages, validate_stages
 
-TASKS = ("pretrain",)
+TASKS = ("pretrain", "finetune", "linprobe")
+CLASSIFIER_TASKS = ("finetune", "linprobe")
 
 
 class ConfigError(ValueError):
@@ -63,6 +64,9 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
     """
     if config.task not in TASKS:
         raise ConfigError(f"task: unknown task {config.task!r}; allowed: {', '.join(TASKS)}")
+    if config.task in CLASSIFIER_TASKS:
+        validate_classifier(config, device_count=device_count)
+        return
     if not config.data.train_path and not config.data.sample_dir:
         raise ConfigError("data.train_path: missing; give a .beton file (tools/write_dataset.py makes one) "
                           "or set data.sample_dir to build the sample dataset")
@@ -85,6 +89,117 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
     if config.probe.features not in ("visible", "full"):
         raise ConfigError(f"probe.features {config.probe.features!r}; allowed: visible, full")
     stages(config)  # validates the schedule
+
+
+def finetune_stages(config: ml_collections.ConfigDict) -> tuple[Stage, ...]:
+    """Resolution stages of a finetune or linear probe: ``schedule.stages`` ((start_epoch, resolution), ...) or
+    one stage at ``schedule.resolution``. The mask ratio is 0: classifiers see every patch."""
+    s = config.schedule
+    patch = model_size(config).patch
+    rows = tuple(s.stages) if s.get("stages") else ((0, s.resolution),)
+    result = []
+    for row in rows:
+        if len(row) != 2:
+            raise ConfigError(f"schedule.stages: {tuple(row)} is not (start_epoch, resolution)")
+        result.append(Stage(int(row[0]), int(row[1]), 0.0))
+    if result[0].start_epoch != 0:
+        raise ConfigError(f"schedule.stages: the first stage must start at epoch 0, got {result[0].start_epoch}")
+    for previous, stage in zip(result, result[1:]):
+        if stage.start_epoch <= previous.start_epoch:
+            raise ConfigError("schedule.stages: start epochs must be strictly increasing, got "
+                              f"{previous.start_epoch} then {stage.start_epoch}")
+    for stage in result:
+        if stage.resolution <= 0 or stage.resolution % patch:
+            raise ConfigError(f"schedule.stages: resolution {stage.resolution} is not a positive multiple of the "
+                              f"patch size {patch}")
+        if stage.start_epoch >= config.train.epochs:
+            raise ConfigError(f"schedule.stages: stage starts at epoch {stage.start_epoch} but train.epochs is "
+                              f"{config.train.epochs}")
+    return tuple(result)
+
+
+def _check_range(key: str, value: float, low: float, high: float, *, high_open: bool = False) -> None:
+    if not (low <= value < high if high_open else low <= value <= high):
+        bracket = ")" if high_open else "]"
+        raise ConfigError(f"{key} {value} must lie in [{low}, {high}{bracket}")
+
+
+def checkpoint_steps(workdir: str | Path) -> list[int]:
+    """Steps of the complete checkpoints in ``<workdir>/checkpoints`` (orbax renames a step's folder into
+    place only when it is complete), ascending."""
+    directory = Path(workdir) / "checkpoints"
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "state").is_dir())
+
+
+def validate_classifier(config: ml_collections.ConfigDict, *, device_count: int | None = None) -> None:
+    """Checks for the finetune and linprobe tasks (see validate)."""
+    from dailymae_jax.train.warm_start import FILE_IMPORTERS, SOURCES
+
+    data = config.data
+    if not data.train_path and not data.sample_dir:
+        raise ConfigError("data.train_path: missing; give a .beton file (tools/write_dataset.py makes one) "
+                          "or set data.sample_dir to use the sample dataset")
+    if not data.val_path and not data.sample_dir:
+        raise ConfigError("data.val_path: missing; give the validation .beton or set data.sample_dir")
+    device_count = device_count or 1
+    for key, batch in (("data.global_batch_size", data.global_batch_size),
+                       ("eval.global_batch_size", config.eval.global_batch_size)):
+        if batch <= 0 or batch % device_count:
+            raise ConfigError(f"{key} {batch} is not divisible by the device count {device_count}; "
+                              f"allowed: positive multiples of {device_count}")
+    train = config.train
+    if train.epochs < 1:
+        raise ConfigError(f"train.epochs {train.epochs} must be ≥ 1")
+    _check_range("train.warmup_epochs", train.warmup_epochs, 0, train.epochs)
+    if config.model.dtype not in ("float32", "bfloat16"):
+        raise ConfigError(f"model.dtype {config.model.dtype!r}; allowed: float32, bfloat16")
+    num_classes = config.model.get("num_classes")
+    if num_classes is not None and num_classes < 2:
+        raise ConfigError(f"model.num_classes {num_classes} must be ≥ 2 (or unset: taken from the data)")
+    init = config.init
+    if init.source not in SOURCES:
+        raise ConfigError(f"init.source {init.source!r}; allowed: {', '.join(SOURCES)}")
+    if init.source == "pretrain":
+        if not init.workdir:
+            raise ConfigError("init.workdir: missing; give the workdir of a pretraining run "
+                              "(e.g. --config.init.workdir=runs/demo) or set init.source=scratch")
+        if not checkpoint_steps(init.workdir):
+            raise ConfigError(f"init.workdir: no checkpoint in {init.workdir}/checkpoints; run the pretrain task "
+                              "there first (make demo writes runs/demo)")
+    if init.source == "file":
+        if init.format not in FILE_IMPORTERS:
+            raise ConfigError(f"init.format {init.format!r}; allowed: {', '.join(FILE_IMPORTERS)}")
+        if not init.path:
+            raise ConfigError("init.path: missing; give a .pth or .safetensors checkpoint")
+        if not Path(init.path).is_file():
+            raise ConfigError(f"init.path: no such file {init.path}")
+    _check_range("data.crop_scale[0]", data.crop_scale[0], 0.0, data.crop_scale[1])
+    _check_range("data.crop_scale[1]", data.crop_scale[1], data.crop_scale[0], 1.0)
+    evaluation = config.eval
+    if not evaluation.resolutions:
+        raise ConfigError("eval.resolutions: empty; give at least one resolution, e.g. (224,)")
+    patch = model_size(config).patch
+    for resolution in evaluation.resolutions:
+        if resolution <= 0 or resolution % patch:
+            raise ConfigError(f"eval.resolutions: {resolution} is not a positive multiple of the patch size {patch}")
+    if not 0.0 < evaluation.crop_ratio <= 1.0:
+        raise ConfigError(f"eval.crop_ratio {evaluation.crop_ratio} must lie in (0, 1]")
+    if evaluation.every_epochs < 1:
+        raise ConfigError(f"eval.every_epochs {evaluation.every_epochs} must be ≥ 1")
+    if config.task == "finetune":
+        _check_range("train.layer_decay", train.layer_decay, 0.0, 1.0)
+        _check_range("model.drop_path", config.model.drop_path, 0.0, 1.0, high_open=True)
+        aug = config.augment
+        _check_range("augment.label_smoothing", aug.label_smoothing, 0.0, 1.0, high_open=True)
+        _check_range("augment.mixup_prob", aug.mixup_prob, 0.0, 1.0)
+        _check_range("augment.mixup_switch_prob", aug.mixup_switch_prob, 0.0, 1.0)
+        _check_range("augment.color_jitter", aug.color_jitter, 0.0, 1.0)
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            if aug[key] < 0:
+                raise ConfigError(f"augment.{key} {aug[key]} must be ≥ 0 (0 turns it off)")
+    finetune_stages(config)
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:

@@ -5,9 +5,12 @@
 Recipes (configs/, each file's docstring gives its launch command and expected result):
   mae_b16.py    the paper's MAE ViT-B/16 pretraining on ImageNet-1K (800 epochs, palindrome schedule)
   mae_demo.py   a small pretraining on the embedded sample data, a few CPU minutes (`make demo`)
+  finetune_b16.py / linprobe_b16.py    finetune / linear-probe a pretrained ViT-B/16 on ImageNet-1K
+  finetune_demo.py / linprobe_demo.py  the same on the sample data from `make demo`'s run
+                                       (--config.init.workdir=runs/demo)
 
-Any config field can be overridden, e.g. --config.train.epochs=2 --config.data.train_path=train.beton.
-Running again with the same workdir resumes from its last checkpoint.
+config.task picks the task. Any config field can be overridden, e.g. --config.train.epochs=2
+--config.data.train_path=train.beton. Running again with the same workdir resumes from its last checkpoint.
 
 Exit codes: 0 done; 1 stopped on a non-finite loss or a failed checkpoint save (earlier checkpoints kept);
 2 bad flag, config value or dataset file (one line names it); 128+N stopped by signal N after saving a checkpoint.
@@ -43,12 +46,14 @@ def main(argv: list[str]) -> None:
     from dailymae_jax.checkpoint import CheckpointSaveError
     from dailymae_jax.config import ConfigError, validate
     from dailymae_jax.data.beton import BetonError
-    from dailymae_jax.train import pretrain
     from dailymae_jax.train.guards import Interrupted, NonFiniteError
 
     config = _CONFIG.value
     try:
         validate(config)  # before any data is written or compiled
+        if config.task in ("finetune", "linprobe"):
+            return _run_classifier(config, _WORKDIR.value)
+        from dailymae_jax.train import pretrain
         pretrain.train_beton(config)  # builds the sample data, if asked, before JAX starts threads
         summary = pretrain.run(config, _WORKDIR.value)
     except ConfigError as error:
@@ -126,6 +131,19 @@ def _missing_key(config: Any, key: str) -> str | None:
                     f"(fields: {', '.join(sorted(fields))})")
         node, walked = node[part], [*walked, part]
     return None
+
+
+def _run_classifier(config, workdir: str) -> None:
+    """The finetune and linprobe tasks (train/finetune.py, train/linprobe.py)."""
+    from dailymae_jax.train import finetune, linprobe
+
+    task = {"finetune": finetune, "linprobe": linprobe}[config.task]
+    task.prepare_data(config)  # writes the sample .beton files, if asked, before JAX starts threads
+    summary = task.run(config, workdir)
+    print(f"summary: {workdir}/summary.json — {summary['steps']} steps, val top-1 {summary['val_top1']:.4f} "
+          f"top-5 {summary['val_top5']:.4f} over {summary['val_count']} images at {summary['val_resolution']} px "
+          f"(chance {summary['chance_top1']:.4f}), {summary['compilations_during_training']} compilations "
+          "during training")
 
 
 def run() -> None:

@@ -54,3 +54,21 @@ def dataset_info(beton: str | Path) -> DatasetInfo:
     reader = Reader(str(path))
     labels = np.asarray(reader.metadata[f"f{list(reader.handlers).index('label')}"])
     return DatasetInfo(path, int(reader.num_samples), int(labels.max()) + 1 if labels.size else 0)
+
+
+def sample_val_beton(sample_dir: str | Path, *, num_images: int, seed: int = 0) -> Path:
+    """``<sample_dir>/val.beton``: the sample dataset's held-out split, written on first use.
+
+    The sample dataset keeps the last ~20% of each class's crops in ``val/`` (never in ``train.beton``);
+    labels are the same sorted class-folder indices as in the training file, since every class has
+    validation images. Same (num_images, seed) as ``sample_beton`` → the same dataset on disk.
+    """
+    from dailymae_jax.data.sample import make_sample_dataset
+    from dailymae_jax.data.write import write_beton
+
+    sample_dir = Path(sample_dir)
+    beton = sample_dir / "val.beton"
+    if not beton.exists():
+        make_sample_dataset(sample_dir, num_images=num_images, seed=seed)
+        write_beton(sample_dir / "val", beton)
+    return beton

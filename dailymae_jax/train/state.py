@@ -8,6 +8,7 @@ import flax
 import jax
 import jax.numpy as jnp
 import optax
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 PyTree = Any
@@ -88,3 +89,87 @@ def create_state(init_fn: Callable[[jax.Array], TrainState], rng: jax.Array,
 
 def parameter_count(params: PyTree) -> int:
     return int(sum(jnp.size(p) for p in jax.tree.leaves(params)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Finetuning and linear probing.
+
+
+@flax.struct.dataclass
+class ClassifierState:
+    """What a finetuning or linear-probing step reads and writes; a checkpoint is exactly this pytree.
+
+    Finetuning trains ``params`` (the whole ViT); ``batch_stats`` and ``frozen`` are empty. Linear probing
+    trains ``params`` (the probe's head), keeps the probe's BatchNorm statistics in ``batch_stats`` and the
+    frozen encoder in ``frozen``, which the optimizer never sees.
+    """
+
+    step: jax.Array
+    rng: jax.Array
+    params: PyTree
+    opt_state: PyTree
+    batch_stats: PyTree
+    frozen: PyTree
+
+
+def vit_layer_id(path: tuple[str, ...], depth: int) -> int:
+    """Which layer a ViT parameter belongs to, for layer-wise lr decay (MAE's ``get_layer_id_for_vit``).
+
+    cls token and patch embedding are layer 0, ``blocks_i`` is layer i + 1, everything after the blocks
+    (final norm, fc_norm, head) is layer depth + 1.
+    """
+    top = path[0]
+    if top in ("cls_token", "pos_embed", "patch_embed"):
+        return 0
+    if top.startswith("blocks_"):
+        return int(top.split("_")[1]) + 1
+    return depth + 1
+
+
+def layer_decay_scales(params: PyTree, *, depth: int, decay: float) -> PyTree:
+    """Per-parameter lr multipliers ``decay ** (depth + 1 − layer_id)``: 1 for the head, ``decay^(depth+1)``
+    for the patch embedding."""
+    flat = traverse_util.flatten_dict(dict(params))
+    scales = {path: decay ** (depth + 1 - vit_layer_id(path, depth)) for path in flat}
+    return traverse_util.unflatten_dict(scales)
+
+
+def finetune_decay_mask(params: PyTree) -> PyTree:
+    """True where finetuning decays weights: matrices and kernels, not biases, norms or the cls token (MAE)."""
+    flat = traverse_util.flatten_dict(dict(params))
+    mask = {path: bool(p.ndim > 1 and path[0] not in ("cls_token", "pos_embed")) for path, p in flat.items()}
+    return traverse_util.unflatten_dict(mask)
+
+
+def scale_by_tree(scales: PyTree) -> optax.GradientTransformation:
+    """Multiplies each update by a constant from a tree shaped like the params."""
+    return optax.stateless(lambda updates, params=None: jax.tree.map(lambda u, s: u * s, updates, scales))
+
+
+def make_finetune_optimizer(params: PyTree, *, learning_rate: Callable[[jax.Array], jax.Array],
+                            weight_decay: float, b1: float, b2: float, layer_decay: float,
+                            depth: int) -> optax.GradientTransformation:
+    """AdamW with layer-wise lr decay: every update (Adam step and decoupled weight decay alike) is scaled by
+    the parameter's layer multiplier, as a PyTorch param group with ``lr = lr · scale`` does."""
+    return optax.chain(
+        optax.scale_by_adam(b1=b1, b2=b2, eps=1e-8),
+        optax.add_decayed_weights(weight_decay, mask=finetune_decay_mask),
+        optax.scale_by_learning_rate(learning_rate),
+        scale_by_tree(layer_decay_scales(params, depth=depth, decay=layer_decay)),
+    )
+
+
+def make_lars_optimizer(*, learning_rate: Callable[[jax.Array], jax.Array], weight_decay: float = 0.0,
+                        momentum: float = 0.9, trust_coefficient: float = 0.001) -> optax.GradientTransformation:
+    """LARS as MAE's linear probe uses it: for parameters with more than one dimension, add ``wd · p`` and
+    rescale the update to ``trust_coefficient · ‖p‖ / ‖update‖`` (left alone where either norm is 0); biases get
+    neither. Momentum accumulates the rescaled updates *before* the learning rate is applied, so a changing
+    rate acts on the whole step (PyTorch's ``mu = m·mu + g; p −= lr·mu``; optax.lars applies the rate first).
+    """
+    matrices = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    return optax.chain(
+        optax.add_decayed_weights(weight_decay, mask=matrices),
+        optax.masked(optax.scale_by_trust_ratio(trust_coefficient=trust_coefficient), matrices),
+        optax.trace(decay=momentum, nesterov=False),
+        optax.scale_by_learning_rate(learning_rate),
+    )
