@@ -204,3 +204,24 @@ def _init_config(workdir, step=None):
     c.init.step = ml_collections.config_dict.placeholder(int)
     c.init.step = step
     return c
+
+
+@pytest.mark.parametrize("fmt", ["timm", "mae"])
+def test_init_from_an_exported_pytorch_file_loads_the_encoder(pretrain_workdir, vit_params, tmp_path, fmt):
+    from dailymae_jax import export
+
+    _, mae_params = pretrain_workdir
+    state = export.to_state_dict(jax.device_get(mae_params), fmt=fmt, width=32,
+                                 decoder_width=16 if fmt == "mae" else None, grid=(4, 4))
+    path = export.save_state_dict(state, tmp_path / f"{fmt}.safetensors", fmt=fmt)
+    config = _init_config(tmp_path)
+    config.init.source, config.init.path, config.init.format = "file", str(path), fmt
+    config.schedule = {"resolution": 64}
+    merged, report = pretrained.init_from_pretrained(config, vit_params)
+    assert report["source"] == "file"
+    np.testing.assert_array_equal(merged["blocks_1"]["attn"]["qkv"]["kernel"],
+                                  np.asarray(mae_params["blocks_1"]["attn"]["qkv"]["kernel"]))
+    np.testing.assert_array_equal(merged["head"]["kernel"], np.asarray(vit_params["head"]["kernel"]))
+    config.init.path = str(tmp_path / "missing.pth")
+    with pytest.raises(pretrained.PretrainedError, match="^init.path: no such file"):
+        pretrained.init_from_pretrained(config, vit_params)
