@@ -20,7 +20,7 @@ import ml_collections
 import numpy as np
 
 from dailymae_jax import config as config_lib
-from dailymae_jax import export, report, visualize
+from dailymae_jax import distributed, export, report, visualize
 from dailymae_jax.checkpoint import Checkpointer, DataPosition, abstract_with_shardings
 from dailymae_jax.data.loader import CropSpec, EpochOrder, TrainLoader
 from dailymae_jax.data.prepare import dataset_info, sample_beton
@@ -136,6 +136,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
              {f"{r}px/{m}": f"{s:.1f}s" for (r, m), s in compile_seconds.items()})
 
     writer = report.MetricsWriter(workdir, enabled=is_main)
+    distributed.barrier("training")  # all processes take their first step together
     stats = RunStats()
     counter = compile_lib.CompilationCounter()
     config_dict = config_lib.to_dict(config)
@@ -173,14 +174,16 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any
         "last_checkpoint": str(checkpointer.path(last_step)) if last_step is not None else None,
     }
     if is_main:
+        # Host copies: the state's arrays span every process's devices, and process 0 computes alone here.
+        params = jax.device_get(state.params)
         if last_batch is not None:
             summary["reconstruction"] = str(visualize.save_reconstructions(
-                workdir / "reconstructions" / f"step_{int(state.step)}.png", model, state.params,
+                workdir / "reconstructions" / f"step_{int(state.step)}.png", model, params,
                 np.asarray(last_batch.images.addressable_data(0))[:config.report.num_reconstructions],
                 mask_ratio=last_batch.stage.mask_ratio,
                 rng=jax.random.PRNGKey(config.seed)))
         summary["exports"] = {fmt: str(p) for fmt, p in export.export_run(
-            state.params, model, workdir / "export", formats=tuple(config.export.formats),
+            params, model, workdir / "export", formats=tuple(config.export.formats),
             resolution=config.schedule.resolution).items()}
         report.write_json(workdir / "summary.json", summary)
     return summary
@@ -202,7 +205,7 @@ def _train_loop(config, state, loader, executables, checkpointer, writer, stats,
     window_start = loop_start = time.perf_counter()
     window_images = 0
     step_returned = time.perf_counter()
-    with guards.SignalGuard() as signals:
+    with distributed.signal_guard() as signals:
         for batch in loader.batches(position.epoch, position.step_in_epoch, epochs):
             stats.data_wait_seconds += time.perf_counter() - step_returned
             bucket = batch.stage.bucket
@@ -226,7 +229,7 @@ def _train_loop(config, state, loader, executables, checkpointer, writer, stats,
             pending.append(metrics)
             unchecked.append((host_step, metrics))
             end_of_epoch = batch.step_in_epoch == steps_per_epoch - 1
-            stop_signal = signals.signum  # read once: a signal may land anywhere in this block
+            stop_signal = signals.poll(host_step)  # read once: a signal may land anywhere in this block
             logging_now = host_step % log_every == 0 or end_of_epoch
             saving_now = host_step % config.checkpoint.every_steps == 0 or end_of_epoch or stop_signal
             if logging_now or saving_now:
