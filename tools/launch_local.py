@@ -6,7 +6,7 @@
 runs ``python -m dailymae_jax.main <main args>`` P times with ``--config.distributed.*`` pointing every process
 at a coordinator on 127.0.0.1 (a free port), and ``JAX_PLATFORMS=cpu`` with D host-platform devices each: the
 same program a multi-node GPU run executes, for testing on one machine. Every output line is prefixed with its
-process, ``[p1] ...``. The launcher exits with 0 when all processes succeed, else with the first failure's code.
+process, ``[p1] ...``. The launcher exits with 0 when all processes succeed, else with the code of the first process to fail.
 
 It does not kill the other processes when one fails: JAX's runtime does that (within
 ``distributed.heartbeat_timeout`` seconds), and that is what a real cluster relies on. SIGINT and SIGTERM sent to
@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import IO
 
@@ -98,13 +99,21 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, pass_on)
     signal.signal(signal.SIGTERM, pass_on)
 
-    codes = [process.wait() for process in processes]
+    failed: list[tuple[int, int]] = []  # (process, exit code) in the order the failures happened
+    running = set(range(len(processes)))
+    while running:
+        for process_id in sorted(running):
+            code = processes[process_id].poll()
+            if code is not None:
+                running.discard(process_id)
+                if code != 0:
+                    failed.append((process_id, code))
+        time.sleep(0.1)
     for thread in forwarders:
         thread.join(timeout=5)
-    failed = [(i, c) for i, c in enumerate(codes) if c != 0]
     if not failed:
         return 0
-    described = ", ".join(f"process {i} {_describe(c)}" for i, c in failed)
+    described = ", then ".join(f"process {i} {_describe(c)}" for i, c in failed)
     print(f"launch_local: {described}", file=sys.stderr, flush=True)
     code = failed[0][1]
     return code if code > 0 else 128 - code  # killed by signal N → the shell's 128 + N
