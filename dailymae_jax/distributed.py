@@ -219,9 +219,11 @@ def _exit_at_once_on_uncaught_errors(processes: Processes, config: ml_collection
 
     def hook(kind, error, trace) -> None:
         previous(kind, error, trace)  # the traceback
-        print(f"error: process {processes.process_id} of {processes.num_processes} failed with "
-              f"{kind.__name__}; exiting without waiting for the others, which stop within "
-              f"distributed.heartbeat_timeout={config.distributed.heartbeat_timeout} s", file=sys.stderr, flush=True)
+        detail = " ".join(str(error).split())[:300]
+        print(f"error: process {processes.process_id} of {processes.num_processes} failed ({kind.__name__}: "
+              f"{detail}); exiting at once, so that the others stop within distributed.heartbeat_timeout="
+              f"{config.distributed.heartbeat_timeout} s (a failed collective usually means another process "
+              "died first: see its log)", file=sys.stderr, flush=True)
         logging.shutdown()
         os._exit(1)
 

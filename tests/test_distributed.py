@@ -293,5 +293,5 @@ def test_killing_one_process_ends_the_other(loopback):
     assert code != 0 and waited < HEARTBEAT + 80, (code, waited)
     process_0 = "\n".join(line for line in launched.stderr if line.startswith("[p0]"))
     assert ("This most likely indicates that another task died" in process_0
-            or "exiting without waiting for the others" in process_0), launched.tail()
+            or "exiting at once, so that the others stop within" in process_0), launched.tail()
     assert "launch_local: " in launched.stderr[-1] and "process 1 was killed by SIGKILL" in launched.stderr[-1]
