@@ -43,6 +43,7 @@ def main(argv: list[str]) -> None:
     for noisy in ("absl", "jax._src", "orbax", "numba"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
+    from dailymae_jax import distributed
     from dailymae_jax.checkpoint import CheckpointSaveError
     from dailymae_jax.config import ConfigError, validate
     from dailymae_jax.data.beton import BetonError
@@ -54,7 +55,8 @@ def main(argv: list[str]) -> None:
         if config.task in ("finetune", "linprobe"):
             return _run_classifier(config, _WORKDIR.value)
         from dailymae_jax.train import pretrain
-        pretrain.train_beton(config)  # builds the sample data, if asked, before JAX starts threads
+        # Builds the sample data, if asked, before JAX starts threads; then joins the other processes, if any.
+        processes = distributed.start(config, build_data=lambda: pretrain.train_beton(config))
         summary = pretrain.run(config, _WORKDIR.value)
     except ConfigError as error:
         _fail(f"config error: {error}", 2)
@@ -63,10 +65,12 @@ def main(argv: list[str]) -> None:
     except NonFiniteError as error:
         _fail(f"error: {error}; nothing after it was checkpointed (lower train.base_lr, raise "
               "train.warmup_epochs, or use model.dtype=float32), then run the same command to resume", 1)
-    except CheckpointSaveError as error:
+    except (CheckpointSaveError, distributed.DistributedError) as error:
         _fail(f"error: {error}", 1)
     except Interrupted as error:
         _fail(str(error), error.exit_code)
+    if not processes.is_main:
+        return  # process 0 reports the run
     print(f"summary: {_WORKDIR.value}/summary.json — {summary['steps']} steps, loss "
           f"{summary['initial_loss']:.4f} → {summary['final_loss']:.4f}, "
           f"{summary['images_per_second']:.1f} img/s, {summary['compilations_during_training']} compilations "

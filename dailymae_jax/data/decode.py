@@ -2,9 +2,11 @@
 
 Stock ffcv's RandomResizedCrop draws from numba's per-thread generators, which nothing seeds: two runs, or a
 run and its resumption, see different crops. Here every sample's crop is drawn from a generator seeded by
-(run seed, sample index, batch key), where the batch key is a hash of the batch's sample indices. Our sample
-order is a function of (seed, epoch) (see loader.EpochOrder), so the crops are a function of
-(seed, epoch, sample) for a given process layout, and change from epoch to epoch.
+(run seed, sample index, pair key), where the pair key hashes the sample indices at batch positions 2k and
+2k+1, the pair the sample belongs to. Our sample order is a function of (seed, epoch) (see loader.EpochOrder),
+so a sample's partner, and with it its crop, changes from epoch to epoch. Pairs rather than whole batches: a
+process decodes only its slice of each global batch, and slices start at even positions whenever the
+per-process batch is even, so every pair, and every crop, is the same for any number of processes.
 
 The crop box follows torchvision's RandomResizedCrop: area fraction U(scale), log-uniform aspect ratio,
 ten tries, then a centred crop clamped to the ratio range.
@@ -42,6 +44,16 @@ def batch_key(batch_indices: np.ndarray) -> int:
     for index in batch_indices:
         key = (key ^ np.uint64(index)) * np.uint64(1099511628211)
     return np.int64(key & np.uint64(0x7FFFFFFFFFFFFFFF))
+
+
+KEY_GROUP = 2  # samples per crop key: must divide the per-process batch for crops independent of process count
+
+
+@numba.njit(cache=False, nogil=True)
+def pair_key(batch_indices: np.ndarray, position: int) -> int:
+    """The key of the sample at ``position``: a hash of its aligned group (positions 2k, 2k+1) of the batch."""
+    start = position - position % KEY_GROUP
+    return batch_key(batch_indices[start:start + KEY_GROUP])
 
 
 @numba.njit(cache=False, nogil=True)
@@ -98,7 +110,6 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, scratch = my_storage
-            key = batch_key(batch_indices)
             for dst_ix in each(len(batch_indices)):
                 source_ix = batch_indices[dst_ix]
                 field = metadata[source_ix]
@@ -112,7 +123,7 @@ class SeededRandomResizedCrop(ResizedCropRGBImageDecoder):
                     pixels = data.reshape(height, width, 3)
                 # Seeding the generator of the thread that handles this sample makes its crop independent of
                 # which thread that is.
-                np.random.seed(mix_seed(seed, source_ix, key))
+                np.random.seed(mix_seed(seed, source_ix, pair_key(batch_indices, dst_ix)))
                 top, left, h, w = random_resized_crop_box(height, width, scale_low, scale_high,
                                                           log_ratio_low, log_ratio_high)
                 resize_crop_c(pixels, top, top + h, left, left + w, destination[dst_ix])

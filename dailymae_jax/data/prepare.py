@@ -22,13 +22,18 @@ class DatasetInfo:
     num_classes: int
 
 
+def sample_beton_path(sample_dir: str | Path) -> Path:
+    """Where ``sample_beton`` puts the sample dataset's training file."""
+    return Path(sample_dir) / "train.beton"
+
+
 def sample_beton(sample_dir: str | Path, *, num_images: int, seed: int = 0) -> Path:
     """``<sample_dir>/train.beton``, cutting the sample photographs and writing the file if missing."""
     from dailymae_jax.data.sample import make_sample_dataset
     from dailymae_jax.data.write import write_beton
 
     sample_dir = Path(sample_dir)
-    beton = sample_dir / "train.beton"
+    beton = sample_beton_path(sample_dir)
     if not beton.exists():
         make_sample_dataset(sample_dir, num_images=num_images, seed=seed)
         write_beton(sample_dir / "train", beton, jpeg_quality=_SAMPLE_JPEG_QUALITY,

@@ -10,8 +10,13 @@ DATA_AXIS = "data"
 
 
 def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
-    """A 1-D mesh over all (or the given) devices, with the batch axis named ``data``."""
+    """A 1-D mesh over all (or the given) devices, with the batch axis named ``data``.
+
+    Devices are ordered process by process, so each process's devices hold one contiguous block of the batch:
+    the block the loader gives that process (EpochOrder), whatever order the runtime lists devices in.
+    """
     devices = jax.devices() if devices is None else devices
+    devices = sorted(devices, key=lambda d: (d.process_index, d.id))
     return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 

@@ -77,6 +77,11 @@ class SignalGuard:
             self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
+    def poll(self, step: int) -> int | None:
+        """The signal to stop on after ``step``, if one has arrived (a multi-process guard agrees on the step)."""
+        del step
+        return self.signum
+
     def __exit__(self, *exc_info: object) -> None:
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)

@@ -23,7 +23,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dailymae_jax import config as config_lib
-from dailymae_jax import export, report, visualize
+from dailymae_jax import distributed, export, report, visualize
 from dailymae_jax.checkpoint import Checkpointer, DataPosition, abstract_with_shardings
 from dailymae_jax.data.loader import Batch, CropSpec, EpochOrder, TrainLoader
 from dailymae_jax.data.prepare import dataset_info, sample_beton
@@ -182,13 +182,14 @@ class Pretraining:
             return
         loop_start = time.perf_counter()
         try:
-            with self.counter, guards.SignalGuard() as signals, contextlib.closing(self.loader.batches(
+            distributed.barrier("training")  # all processes take their first step together
+            with self.counter, distributed.signal_guard() as signals, contextlib.closing(self.loader.batches(
                     self.position.epoch, self.position.step_in_epoch, self.epochs)) as batches:
                 self._run_steps(batches, num_steps, signals)
         finally:
             self.stats.loop_seconds += time.perf_counter() - loop_start
 
-    def _run_steps(self, batches: Iterator[Batch], num_steps: int, signals: guards.SignalGuard) -> None:
+    def _run_steps(self, batches: Iterator[Batch], num_steps: int, signals: Any) -> None:
         config, stats = self.config, self.stats
         unchecked: list[tuple[int, dict[str, jax.Array]]] = []  # metrics not yet checked for NaN/inf
         current_bucket = None
@@ -217,7 +218,7 @@ class Pretraining:
             self.position = (DataPosition(batch.epoch + 1, 0) if end_of_epoch
                              else DataPosition(batch.epoch, batch.step_in_epoch + 1))
             last = done == num_steps
-            stop_signal = signals.signum  # read once: a signal may land anywhere in this block
+            stop_signal = signals.poll(host_step)  # read once; across processes, all stop after the same step
             logging_now = host_step % config.train.log_every_steps == 0 or end_of_epoch or last
             saving_now = (host_step % config.checkpoint.every_steps == 0 or end_of_epoch or stop_signal
                           or (last and not self.finished))
@@ -271,7 +272,8 @@ class Pretraining:
         if images is None:
             images = self._last_images()
         stage = schedule_lib.stage_at(self.stages, min(self.position.epoch, self.epochs - 1))
-        return visualize.reconstruct(self.model, self.state.params, images,
+        # Host copies: the state's arrays may span every process's devices, and process 0 computes alone here.
+        return visualize.reconstruct(self.model, jax.device_get(self.state.params), images,
                                      mask_ratio=stage.mask_ratio if mask_ratio is None else mask_ratio,
                                      rng=jax.random.PRNGKey(self.config.seed if seed is None else seed))
 
@@ -323,7 +325,7 @@ class Pretraining:
             if path is not None:
                 summary["reconstruction"] = str(path)
             summary["exports"] = {fmt: str(p) for fmt, p in export.export_run(
-                self.state.params, self.model, self.workdir / "export", formats=tuple(self.config.export.formats),
+                jax.device_get(self.state.params), self.model, self.workdir / "export", formats=tuple(self.config.export.formats),
                 resolution=self.config.schedule.resolution).items()}
             report.write_json(self.workdir / "summary.json", summary)
         self.writer.close()
