@@ -22,6 +22,7 @@ import contextlib
 import difflib
 import importlib.util
 import logging
+import os
 import sys
 from typing import Any, NoReturn
 
@@ -65,7 +66,12 @@ def main(argv: list[str]) -> None:
     except NonFiniteError as error:
         _fail(f"error: {error}; nothing after it was checkpointed (lower train.base_lr, raise "
               "train.warmup_epochs, or use model.dtype=float32), then run the same command to resume", 1)
-    except (CheckpointSaveError, distributed.DistributedError) as error:
+    except CheckpointSaveError as error:
+        # orbax's writer threads may still hold the failed save; a normal interpreter exit can then abort
+        # in C++ (std::terminate), turning a clear exit code 1 into a crash. Everything worth keeping is
+        # already on disk, so leave without running finalizers.
+        _fail(f"error: {error}", 1, hard=True)
+    except distributed.DistributedError as error:
         _fail(f"error: {error}", 1)
     except Interrupted as error:
         _fail(str(error), error.exit_code)
@@ -81,8 +87,13 @@ def main(argv: list[str]) -> None:
         print(f"reconstructions: {summary['reconstruction']}")
 
 
-def _fail(message: str, exit_code: int) -> NoReturn:
+def _fail(message: str, exit_code: int, *, hard: bool = False) -> NoReturn:
     print(message, file=sys.stderr)
+    if hard:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exit_code)
     sys.exit(exit_code)
 
 
