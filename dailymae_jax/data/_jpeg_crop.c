@@ -51,7 +51,6 @@
 #define DM_NO_SPLICE 8           /* never splice restart intervals (for tests and benchmarks) */
 #define DM_FAST_UPSAMPLING 16    /* libjpeg's non-fancy chroma upsampling */
 #define DM_FAST_IDCT 32          /* libjpeg's JDCT_IFAST */
-#define DM_FINE_SCALING 128      /* experiment: scale by M/8, M = 1..8 */
 #define DM_DECODE_ONLY 64        /* stop before resampling (profiling only: dst is left untouched) */
 
 /* info[] slots filled by dm_decode_crop when info is not NULL */
@@ -176,6 +175,11 @@ int dm_dct_denominator(int32_t crop_h, int32_t crop_w, int32_t out_h, int32_t ou
     while (d < 8 && (int64_t)crop_h >= (int64_t)2 * d * out_h && (int64_t)crop_w >= (int64_t)2 * d * out_w) d *= 2;
     return d;
 }
+
+/* Pixels of real context kept around a crop at DCT scale 1/d: libjpeg's chroma upsampling replicates the edge of
+ * whatever it decodes, so the crop's own pixels must be at least one chroma sample (2d pixels at 2x
+ * subsampling) away from the decoded region's edges to come out as in a full decode. */
+static int context_margin(int d) { return 2 * d; }
 
 /* ------------------------------------------------------------------------------------------------------ */
 /* Restart-interval splicing                                                                                */
@@ -321,14 +325,20 @@ static void write16(uint8_t *p, int v) {
     p[1] = (uint8_t)v;
 }
 
-/* Build the spliced JPEG for the MCU-aligned box around a crop. Returns its size, or 0 when splicing does not
- * apply or would not help (libjpeg then decodes the original). */
-static size_t splice(dm_thread *t, const uint8_t *s, size_t n, int top, int left, int h, int w, dm_selection *S) {
+/* Build the spliced JPEG for the MCU-aligned box around a crop widened by `margin` pixels on each side (see
+ * context_margin). Returns its size, or 0 when splicing does not apply or would not help (libjpeg then decodes
+ * the original). */
+static size_t splice(dm_thread *t, const uint8_t *s, size_t n, int top, int left, int h, int w, int margin,
+                     dm_selection *S) {
     dm_layout L;
     if (!parse_layout(s, n, &L)) return 0;
     if (top < 0 || left < 0 || top + h > L.height || left + w > L.width) return 0;
-    int r0 = top / L.mcu_h, r1 = (top + h + L.mcu_h - 1) / L.mcu_h;
-    int c0 = left / L.mcu_w, c1 = (left + w + L.mcu_w - 1) / L.mcu_w;
+    int r0 = (top > margin ? top - margin : 0) / L.mcu_h;
+    int r1 = (top + h + margin + L.mcu_h - 1) / L.mcu_h;
+    int c0 = (left > margin ? left - margin : 0) / L.mcu_w;
+    int c1 = (left + w + margin + L.mcu_w - 1) / L.mcu_w;
+    if (r1 > L.mcus_y) r1 = L.mcus_y;
+    if (c1 > L.mcus_x) c1 = L.mcus_x;
     if (!select_segments(&L, r0, r1, c0, c1, S)) return 0;
     if (S->width == L.width && S->height == L.height) return 0;  /* the crop needs every MCU */
     long last = S->first_seg + (long)(S->seg_rows - 1) * S->row_step + S->seg_cols - 1;
@@ -487,23 +497,54 @@ static inline void narrow_row(const float *restrict src, int n, uint8_t *restric
     }
 }
 
-/* One vertical pass on rows of n bytes: output row i = sum over taps of weight * input row (first[i] + tap),
- * rounded to bytes. Each input row is widened to floats once, into a ring of k->taps rows (the rows an output
- * needs only move forward). `ring` holds (k->taps + 1) * pad8(n) floats and is 32-byte aligned; `rows` k->taps
- * pointers. Output rows get pad8(n) bytes. */
+/* A source of an image region's rows, handed out once each, top to bottom: the rows of an uncompressed image
+ * or of a strip in memory, or scanlines that libjpeg decodes on demand (so that a decoded crop never exists as a
+ * whole: only the few rows the vertical filter needs at a time). */
+typedef struct dm_rows {
+    const uint8_t *(*next)(struct dm_rows *self);
+    const uint8_t *base;                   /* in memory: first pixel of the region */
+    ptrdiff_t stride;                      /* in memory: bytes from one row to the next */
+    int index;                             /* rows handed out so far */
+    struct jpeg_decompress_struct *cinfo;  /* libjpeg: the decompressor, positioned at the region's first row */
+    uint8_t *buffer;                       /* libjpeg: one output scanline */
+    size_t offset;                         /* libjpeg: bytes from the scanline's start to the region */
+} dm_rows;
+
+static const uint8_t *next_memory_row(dm_rows *s) { return s->base + (ptrdiff_t)(s->index++) * s->stride; }
+
+static const uint8_t *next_jpeg_row(dm_rows *s) {
+    JSAMPROW row = s->buffer;
+    jpeg_read_scanlines(s->cinfo, &row, 1);  /* errors longjmp out to decode_region */
+    s->index++;
+    return s->buffer + s->offset;
+}
+
+/* State of one vertical pass: output rows are produced in order, each from a window of input rows that only
+ * moves forward, so every input row is widened to floats once, into a ring of `ring_rows` rows. */
+typedef struct {
+    dm_rows *src;
+    int n;               /* bytes per input row */
+    size_t width;        /* floats per ring row: pad8(n) */
+    float *ring;         /* (ring_rows + 1) x width floats, 32-byte aligned; the extra row holds sums */
+    int ring_rows;
+    int next;            /* input rows consumed so far */
+    const float **rows;  /* ring_rows pointers */
+} dm_pass;
+
+/* Output rows [begin, end) of a vertical pass into dst (row i at dst + (i - begin) * dst_stride, pad8(n) bytes
+ * written per row): row i = sum over taps of weight * input row (first[i] + tap), rounded to bytes. */
 __attribute__((target_clones("arch=x86-64-v3", "default")))
-static void resample_rows(const uint8_t *src, ptrdiff_t src_stride, int n, const dm_kernel *k, uint8_t *dst,
-                          ptrdiff_t dst_stride, float *ring, const float **rows) {
-    const size_t width = pad8((size_t)n);
-    int next = 0;  /* input rows before `next` have been widened */
-    for (int i = 0; i < k->out; i++) {
+static void run_pass(dm_pass *p, const dm_kernel *k, int begin, int end, uint8_t *dst, ptrdiff_t dst_stride) {
+    const size_t width = p->width;
+    float *sum = p->ring + (size_t)p->ring_rows * width;
+    for (int i = begin; i < end; i++) {
         const int first = k->first[i], count = k->count[i];
-        if (next < first) next = first;
-        for (; next < first + count; next++)
-            widen_row(src + (ptrdiff_t)next * src_stride, n, ring + (size_t)(next % k->taps) * width);
-        for (int t = 0; t < count; t++) rows[t] = ring + (size_t)((first + t) % k->taps) * width;
+        for (; p->next < first; p->next++) p->src->next(p->src);  /* rows no output needs */
+        for (; p->next < first + count; p->next++)
+            widen_row(p->src->next(p->src), p->n, p->ring + (size_t)(p->next % p->ring_rows) * width);
+        const float **rows = p->rows;
+        for (int t = 0; t < count; t++) rows[t] = p->ring + (size_t)((first + t) % p->ring_rows) * width;
         const float *w = k->weight + (size_t)i * k->taps;
-        float *sum = ring + (size_t)k->taps * width;  /* one more row after the ring */
         size_t x = 0;
         for (; x + 32 <= width; x += 32) {  /* four independent sums hide the multiply-add latency */
             v8f a0 = w[0] * *(const v8f *)(rows[0] + x), a1 = w[0] * *(const v8f *)(rows[0] + x + 8);
@@ -525,89 +566,80 @@ static void resample_rows(const uint8_t *src, ptrdiff_t src_stride, int n, const
             for (int t = 1; t < count; t++) acc += w[t] * *(const v8f *)(rows[t] + x);
             *(v8f *)(sum + x) = acc;
         }
-        narrow_row(sum, (int)width, dst + (ptrdiff_t)i * dst_stride);
+        narrow_row(sum, (int)width, dst + (ptrdiff_t)(i - begin) * dst_stride);
     }
 }
 
 /* dst (cols x rows RGB pixels, row stride dst_stride) = transpose of src (rows x cols RGB pixels). Pixels move
- * as 4-byte words: the extra byte read is inside src's row padding, and the extra byte written lands on the
- * next pixel of the dst row, stored after it (or in the row padding for the last one). Both strides must
- * exceed 3 * (pixels per row). */
-static void transpose_padded(const uint8_t *src, ptrdiff_t src_stride, int rows, int cols, uint8_t *dst,
-                             ptrdiff_t dst_stride) {
+ * as 4-byte words: the extra byte read is in src's row padding or the next pixel, and the extra byte written
+ * lands on the next pixel of the dst row, which is stored after it. A dst row's last pixel is copied as 3 bytes
+ * when `exact` (dst rows are exactly 3 * rows bytes); otherwise dst_stride must exceed 3 * rows. src_stride must
+ * exceed 3 * cols. */
+static void transpose(const uint8_t *src, ptrdiff_t src_stride, int rows, int cols, uint8_t *dst,
+                      ptrdiff_t dst_stride, int exact) {
     enum { B = 16 };  /* tiles keep both sides in cache */
     for (int r0 = 0; r0 < rows; r0 += B) {
         int r1 = r0 + B < rows ? r0 + B : rows;
+        int short_last = exact && r1 == rows;
         for (int c0 = 0; c0 < cols; c0 += B) {
             int c1 = c0 + B < cols ? c0 + B : cols;
             for (int c = c0; c < c1; c++) {
                 uint8_t *d = dst + (ptrdiff_t)c * dst_stride + (ptrdiff_t)r0 * 3;
                 const uint8_t *s = src + (ptrdiff_t)r0 * src_stride + (ptrdiff_t)c * 3;
-                for (int r = r0; r < r1; r++, s += src_stride, d += 3) memcpy(d, s, 4);
-            }
-        }
-    }
-}
-
-/* The same into a contiguous dst (rows of exactly 3 * rows bytes, the caller's array): the last pixel of
- * each row is copied as 3 bytes. */
-static void transpose_exact(const uint8_t *src, ptrdiff_t src_stride, int rows, int cols, uint8_t *dst) {
-    enum { B = 16 };
-    for (int r0 = 0; r0 < rows; r0 += B) {
-        int r1 = r0 + B < rows ? r0 + B : rows;
-        for (int c0 = 0; c0 < cols; c0 += B) {
-            int c1 = c0 + B < cols ? c0 + B : cols;
-            int last = c1 == cols;
-            for (int c = c0; c < c1; c++) {
-                uint8_t *d = dst + ((size_t)c * rows + r0) * 3;
-                const uint8_t *s = src + (ptrdiff_t)r0 * src_stride + (ptrdiff_t)c * 3;
-                if (last && c == c1 - 1) {
-                    for (int r = r0; r < r1; r++, s += src_stride, d += 3) {
-                        d[0] = s[0];
-                        d[1] = s[1];
-                        d[2] = s[2];
-                    }
-                } else {
-                    for (int r = r0; r < r1; r++, s += src_stride, d += 3) memcpy(d, s, 4);
+                int r = r0, stop = short_last ? r1 - 1 : r1;
+                for (; r < stop; r++, s += src_stride, d += 3) memcpy(d, s, 4);
+                if (short_last) {
+                    d[0] = s[0];
+                    d[1] = s[1];
+                    d[2] = s[2];
                 }
             }
         }
     }
 }
 
-/* Resample the box [x0, x1) x [y0, y1) of an RGB image (rows x cols, row stride `stride`) to out_h x out_w
- * into dst (contiguous). */
-static int resample(dm_thread *t, const uint8_t *src, ptrdiff_t stride, int rows, int cols, double y0, double y1,
-                    double x0, double x1, uint8_t *dst, int out_h, int out_w, int flags) {
+enum { STRIP = 32 };  /* output rows resampled together: every intermediate stays in L1/L2 */
+
+/* Resample the box [x0, x1) x [y0, y1) of an RGB region (rows x cols pixels, its rows coming from `src`) to
+ * out_h x out_w into dst (contiguous). Strip by strip: STRIP output rows are filtered vertically (streaming the
+ * input rows), transposed, filtered "vertically" again (i.e. horizontally: one row per input column), and
+ * transposed into dst; a flip just stores the columns in reverse order. */
+static int resample(dm_thread *t, dm_rows *src, int rows, int cols, double y0, double y1, double x0, double x1,
+                    uint8_t *dst, int out_h, int out_w, int flags) {
     int area = (flags & DM_FILTER_AREA) != 0;
     int taps_v = kernel_taps(rows, y0, y1, out_h, area), taps_h = kernel_taps(cols, x0, x1, out_w, area);
     size_t kv = kernel_bytes(out_h, taps_v), kh = kernel_bytes(out_w, taps_h);
     size_t taps = (size_t)(taps_v > taps_h ? taps_v : taps_h);
-    size_t row1 = pad8((size_t)3 * cols + 1), row2 = pad8((size_t)3 * out_h + 1);  /* intermediate strides */
-    size_t ring_v = (size_t)(taps_v + 1) * row1, ring_h = (size_t)(taps_h + 1) * row2;
-    size_t ring = ring_v > ring_h ? ring_v : ring_h;
-    uint8_t *mem = (uint8_t *)reserve(&t->kernels, kv + kh + taps * sizeof(float *) + ring * sizeof(float) + 192);
-    uint8_t *p1 = (uint8_t *)reserve(&t->pass1, (size_t)out_h * row1);
-    uint8_t *p2 = (uint8_t *)reserve(&t->pass2, (size_t)cols * row2);
-    uint8_t *p3 = (uint8_t *)reserve(&t->pass3, (size_t)out_w * row2);
-    if (!mem || !p1 || !p2 || !p3) return DM_ERR_NOMEM;
+    size_t width1 = pad8((size_t)3 * cols), width2 = pad8((size_t)3 * STRIP);        /* floats per ring row */
+    size_t stride1 = pad8((size_t)3 * cols + 1), stride2 = pad8((size_t)3 * STRIP + 1);  /* strip row bytes */
+    size_t ring1 = (size_t)(taps_v + 1) * width1, ring2 = (size_t)(taps_h + 1) * width2;
+    uint8_t *mem = (uint8_t *)reserve(&t->kernels, kv + kh + taps * sizeof(float *) + (ring1 + ring2) * sizeof(float)
+                                                   + 4 * 64);
+    uint8_t *strip1 = (uint8_t *)reserve(&t->pass1, (size_t)STRIP * stride1);  /* STRIP x cols */
+    uint8_t *strip2 = (uint8_t *)reserve(&t->pass2, (size_t)cols * stride2);   /* cols x STRIP */
+    uint8_t *strip3 = (uint8_t *)reserve(&t->pass3, (size_t)out_w * stride2);  /* out_w x STRIP */
+    if (!mem || !strip1 || !strip2 || !strip3) return DM_ERR_NOMEM;
     dm_kernel vertical, horizontal;
     uint8_t *kmem = (uint8_t *)align64(mem);
     build_kernel(&vertical, kmem, rows, y0, y1, out_h, area);
     build_kernel(&horizontal, kmem + kv, cols, x0, x1, out_w, area);
     const float **row_ptrs = (const float **)align64(kmem + kv + kh);
-    float *ring_mem = (float *)align64(row_ptrs + taps);
+    float *ring_v = (float *)align64(row_ptrs + taps);
+    float *ring_h = (float *)align64(ring_v + ring1);
 
-    /* Rows first (out_h x cols), transposed (cols x out_h) so that columns are resampled as rows too
-     * (out_w x out_h; a flip writes those rows in reverse order), then transposed back into dst. */
-    resample_rows(src, stride, 3 * cols, &vertical, p1, (ptrdiff_t)row1, ring_mem, row_ptrs);
-    transpose_padded(p1, (ptrdiff_t)row1, out_h, cols, p2, (ptrdiff_t)row2);
-    if (flags & DM_FLIP)
-        resample_rows(p2, (ptrdiff_t)row2, 3 * out_h, &horizontal, p3 + (size_t)(out_w - 1) * row2,
-                      -(ptrdiff_t)row2, ring_mem, row_ptrs);
-    else
-        resample_rows(p2, (ptrdiff_t)row2, 3 * out_h, &horizontal, p3, (ptrdiff_t)row2, ring_mem, row_ptrs);
-    transpose_exact(p3, (ptrdiff_t)row2, out_w, out_h, dst);
+    dm_pass down = {src, 3 * cols, width1, ring_v, taps_v, 0, row_ptrs};
+    for (int i0 = 0; i0 < out_h; i0 += STRIP) {
+        int n = out_h - i0 < STRIP ? out_h - i0 : STRIP;
+        run_pass(&down, &vertical, i0, i0 + n, strip1, (ptrdiff_t)stride1);
+        transpose(strip1, (ptrdiff_t)stride1, n, cols, strip2, (ptrdiff_t)stride2, 0);
+        dm_rows columns = {next_memory_row, strip2, (ptrdiff_t)stride2, 0, NULL, NULL, 0};
+        dm_pass across = {&columns, 3 * n, pad8((size_t)3 * n), ring_h, taps_h, 0, row_ptrs};
+        if (flags & DM_FLIP)
+            run_pass(&across, &horizontal, 0, out_w, strip3 + (size_t)(out_w - 1) * stride2, -(ptrdiff_t)stride2);
+        else
+            run_pass(&across, &horizontal, 0, out_w, strip3, (ptrdiff_t)stride2);
+        transpose(strip3, (ptrdiff_t)stride2, out_w, n, dst + (size_t)i0 * out_w * 3, (ptrdiff_t)out_w * 3, 1);
+    }
     return DM_OK;
 }
 
@@ -639,21 +671,17 @@ typedef struct {
     const uint8_t *data;
     size_t size;
     int top, left, h, w;  /* crop box in the pixels of `data` */
-    int num, denom, flags;  /* DCT scale num/denom */
+    int denom, flags;     /* DCT scale 1/denom */
+    uint8_t *dst;
+    int out_h, out_w;
+    int32_t *info;
 } dm_request;
 
-typedef struct {
-    const uint8_t *pixels;  /* top-left decoded pixel of the rows and columns that contain the box */
-    ptrdiff_t stride;
-    int rows, cols;
-    double y0, y1, x0, x1;  /* the box, relative to `pixels`, at the DCT scale */
-    int decoded_cols;
-} dm_region;
-
-/* libjpeg part of dm_decode_crop; errors longjmp to decode_region's caller. */
-static int decode_region_unguarded(dm_thread *t, const dm_request *q, dm_region *R) {
+/* libjpeg part of dm_decode_crop, resampling included (rows are decoded as the resampler asks for them);
+ * libjpeg errors longjmp to decode_region. */
+static int decode_region_unguarded(dm_thread *t, const dm_request *q) {
     struct jpeg_decompress_struct *cinfo = &t->cinfo;
-    const int64_t m = q->num, d = q->denom;
+    const int d = q->denom;
     jpeg_mem_src(cinfo, q->data, (unsigned long)q->size);
     jpeg_read_header(cinfo, TRUE);
     int rc = check_box(t, q->top, q->left, q->h, q->w, (int)cinfo->image_height, (int)cinfo->image_width);
@@ -661,53 +689,48 @@ static int decode_region_unguarded(dm_thread *t, const dm_request *q, dm_region 
     cinfo->out_color_space = JCS_RGB;
     cinfo->scale_num = 1;
     cinfo->scale_denom = (unsigned)d;
-    cinfo->scale_num = (unsigned)m;
     cinfo->dct_method = (q->flags & DM_FAST_IDCT) ? JDCT_IFAST : JDCT_ISLOW;
     cinfo->do_fancy_upsampling = (q->flags & DM_FAST_UPSAMPLING) ? FALSE : TRUE;
     jpeg_start_decompress(cinfo);
 
     /* The box at the DCT scale, and the whole rows/columns that contain it. */
     int scaled_w = (int)cinfo->output_width, scaled_h = (int)cinfo->output_height;
-    int y0 = (int)(q->top * m / d), y1 = (int)(((q->top + q->h) * m + d - 1) / d);
-    int x0 = (int)(q->left * m / d), x1 = (int)(((q->left + q->w) * m + d - 1) / d);
+    int y0 = q->top / d, y1 = (q->top + q->h + d - 1) / d;
+    int x0 = q->left / d, x1 = (q->left + q->w + d - 1) / d;
     if (y1 > scaled_h) y1 = scaled_h;
     if (x1 > scaled_w) x1 = scaled_w;
     JDIMENSION xoffset = 0, crop_width = (JDIMENSION)scaled_w;
-    if (x0 > 0 || x1 < scaled_w) {
-        xoffset = (JDIMENSION)x0;
-        crop_width = (JDIMENSION)(x1 - x0);
+    int m = (context_margin(d) + d - 1) / d;  /* columns of context on each side, at the DCT scale */
+    int cx0 = x0 > m ? x0 - m : 0, cx1 = x1 + m < scaled_w ? x1 + m : scaled_w;
+    if (cx0 > 0 || cx1 < scaled_w) {
+        xoffset = (JDIMENSION)cx0;
+        crop_width = (JDIMENSION)(cx1 - cx0);
         jpeg_crop_scanline(cinfo, &xoffset, &crop_width);  /* widens to whole iMCU columns */
     }
-    size_t row_bytes = (size_t)cinfo->output_width * 3;
-    uint8_t *pixels = (uint8_t *)reserve(&t->pixels, row_bytes * (size_t)(y1 - y0));
-    if (!pixels) return DM_ERR_NOMEM;
+    uint8_t *row = (uint8_t *)reserve(&t->pixels, (size_t)cinfo->output_width * 3 + 64);
+    if (!row) return DM_ERR_NOMEM;
     if (y0 > 0) jpeg_skip_scanlines(cinfo, (JDIMENSION)y0);
-    while ((int)cinfo->output_scanline < y1) {
-        JSAMPROW rows[16];
-        int want = y1 - (int)cinfo->output_scanline;
-        if (want > 16) want = 16;
-        for (int i = 0; i < want; i++) rows[i] = pixels + ((size_t)cinfo->output_scanline - y0 + i) * row_bytes;
-        jpeg_read_scanlines(cinfo, rows, (JDIMENSION)want);
+    if (q->info) {
+        q->info[DM_INFO_DENOM] = d;
+        q->info[DM_INFO_ROWS] = y1 - y0;
+        q->info[DM_INFO_COLS] = (int32_t)crop_width;
     }
-    R->pixels = pixels + (size_t)(x0 - (int)xoffset) * 3;
-    R->stride = (ptrdiff_t)row_bytes;
-    R->rows = y1 - y0;
-    R->cols = x1 - x0;
-    const double scale = (double)m / (double)d;
-    R->y0 = q->top * scale - y0;
-    R->y1 = (q->top + q->h) * scale - y0;
-    R->x0 = q->left * scale - x0;
-    R->x1 = (q->left + q->w) * scale - x0;
-    R->decoded_cols = (int)crop_width;
-    return DM_OK;
+    dm_rows src = {next_jpeg_row, NULL, 0, 0, cinfo, row, (size_t)(x0 - (int)xoffset) * 3};
+    if (q->flags & DM_DECODE_ONLY) {
+        for (int r = y0; r < y1; r++) src.next(&src);
+        return DM_OK;
+    }
+    return resample(t, &src, y1 - y0, x1 - x0, (double)q->top / d - y0, (double)(q->top + q->h) / d - y0,
+                    (double)q->left / d - x0, (double)(q->left + q->w) / d - x0, q->dst, q->out_h, q->out_w,
+                    q->flags);
 }
 
-static int decode_region(dm_thread *t, const dm_request *q, dm_region *R) {
+static int decode_region(dm_thread *t, const dm_request *q) {
     int rc;
     if (setjmp(t->err.jump)) {
         rc = DM_ERR_JPEG;
     } else {
-        rc = decode_region_unguarded(t, q, R);
+        rc = decode_region_unguarded(t, q);
     }
     jpeg_abort_decompress(&t->cinfo);  /* we stop after the crop's last row: abort, not finish */
     return rc;
@@ -720,34 +743,19 @@ int dm_decode_crop(const uint8_t *src, uint64_t size, int32_t top, int32_t left,
     if (!t) return DM_ERR_NOMEM;
     int rc = check_sizes(t, h, w, out_h, out_w);
     if (rc) return rc;
-    dm_request q = {src, (size_t)size, top, left, h, w, 1, 1, flags};
-    if (flags & DM_FINE_SCALING) {  /* smallest M/8 that keeps at least the output size */
-        int mh = (int)((8 * (int64_t)out_h + h - 1) / h), mw = (int)((8 * (int64_t)out_w + w - 1) / w);
-        q.num = mh > mw ? mh : mw;
-        if (q.num > 8) q.num = 8;
-        q.denom = 8;
-    } else if (!(flags & DM_NO_DCT_SCALING)) {
-        q.denom = dm_dct_denominator(h, w, out_h, out_w);
-    }
+    dm_request q = {src, (size_t)size, top, left, h, w, 1, flags, dst, out_h, out_w, info};
+    if (!(flags & DM_NO_DCT_SCALING)) q.denom = dm_dct_denominator(h, w, out_h, out_w);
     dm_selection S;
-    size_t spliced = (flags & DM_NO_SPLICE) ? 0 : splice(t, src, (size_t)size, top, left, h, w, &S);
+    int margin = context_margin(q.denom);
+    size_t spliced = (flags & DM_NO_SPLICE) ? 0 : splice(t, src, (size_t)size, top, left, h, w, margin, &S);
     if (spliced) {  /* the same box inside the spliced image */
         q.data = t->splice.data;
         q.size = spliced;
         q.top -= S.origin_y;
         q.left -= S.origin_x;
     }
-    dm_region R;
-    rc = decode_region(t, &q, &R);
-    if (rc) return rc;
-    if (info) {
-        info[DM_INFO_DENOM] = q.denom / q.num;
-        info[DM_INFO_SPLICED] = spliced ? 1 : 0;
-        info[DM_INFO_ROWS] = R.rows;
-        info[DM_INFO_COLS] = R.decoded_cols;
-    }
-    if (flags & DM_DECODE_ONLY) return DM_OK;
-    return resample(t, R.pixels, R.stride, R.rows, R.cols, R.y0, R.y1, R.x0, R.x1, dst, out_h, out_w, flags);
+    if (info) info[DM_INFO_SPLICED] = spliced ? 1 : 0;
+    return decode_region(t, &q);
 }
 
 /* Same resampling for an uncompressed RGB image (height x width x 3, contiguous). */
@@ -758,8 +766,8 @@ int dm_resize_crop(const uint8_t *src, int32_t height, int32_t width, int32_t to
     int rc = check_sizes(t, h, w, out_h, out_w);
     if (!rc) rc = check_box(t, top, left, h, w, height, width);
     if (rc) return rc;
-    const uint8_t *origin = src + ((size_t)top * width + left) * 3;
-    return resample(t, origin, (ptrdiff_t)width * 3, h, w, 0.0, h, 0.0, w, dst, out_h, out_w, flags);
+    dm_rows rows = {next_memory_row, src + ((size_t)top * width + left) * 3, (ptrdiff_t)width * 3, 0, NULL, NULL, 0};
+    return resample(t, &rows, h, w, 0.0, h, 0.0, w, dst, out_h, out_w, flags);
 }
 
 /* The calling thread's message for its last failed call. */
