@@ -2,7 +2,7 @@
 
 Usage:
   python tools/bench_loader.py --beton FILE --res 224 [--res 112 ...] --batch-size 256 --workers 2 \\
-      --epochs 3 --json OUT [--rounds 2] [--loaders crop_decode,ffcv_stock,pil,bound]
+      --epochs 5 --json OUT [--loaders crop_decode,ffcv_stock,pil,bound]
 
 Loaders (RandomResizedCrop with --scale/--ratio to R x R, every one over the whole file each epoch):
   crop_decode  ours: dailymae_jax.data.decode.RandomResizedCropDecoder (crop + DCT-scaled decode, bicubic)
@@ -12,11 +12,12 @@ Loaders (RandomResizedCrop with --scale/--ratio to R x R, every one over the who
   bound        ffcv's SimpleRGBImageDecoder on a file of JPEGs already at R x R (random crops of the same
                images, same quality and chroma subsampling): decoding only, the floor no crop decoder can beat
 
-Every (round, resolution, loader) runs in a fresh child process, so that peak RSS is per loader; loaders
-alternate inside each round and rounds repeat the sequence. A child runs one warm-up epoch (numba
-compilation, page cache) and then --epochs timed epochs. img_per_s is the median over all timed epochs of all
-rounds; peak_rss_mb the median over rounds of the child's peak resident memory (sampled every 20 ms, the
-pool's workers added for pil; the kernel's ru_maxrss where larger).
+Each (resolution, loader) runs in its own child process, so that peak RSS is per loader. For one resolution
+all children start, build their loader and run one untimed warm-up epoch (numba compilation, page cache);
+then the timed epochs alternate between the loaders, round-robin (the machine's load drifts: epoch-level
+interleaving keeps the comparison fair). img_per_s is the median over the --epochs timed epochs;
+peak_rss_mb the child's peak resident memory (sampled every 20 ms, the pool's workers added for pil; the
+kernel's ru_maxrss where larger).
 
 Output JSON: {"results": [{"loader", "res", "img_per_s", "peak_rss_mb", ...}], "ratios": {...}, "settings": {...},
 "machine": {...}}.
@@ -166,40 +167,82 @@ def _ffcv_loader(kind: str, beton: str, res: int, batch: int, workers: int, scal
                drop_last=True, pipelines={"image": [decoder], "label": [IntDecoder()]})
 
 
-def measure(spec: dict) -> dict:
-    """Run one loader for 1 + spec['epochs'] epochs; per-epoch img/s of the timed epochs and peak RSS."""
+class _Epochs:
+    """One loader in a child process: ``run()`` iterates one epoch and returns its img/s."""
+
+    def __init__(self, spec: dict, memory: PeakMemory):
+        self.spec = spec
+        self.epoch = 0
+        kind, res = spec["loader"], spec["res"]
+        scale, ratio = tuple(spec["scale"]), tuple(spec["ratio"])
+        if kind == "pil":
+            import multiprocessing
+
+            from ffcv.reader import Reader
+
+            self.num_samples = int(Reader(spec["beton"]).num_samples)
+            self.pool = multiprocessing.get_context("fork").Pool(
+                spec["workers"], initializer=_pil_init, initargs=(spec["beton"], res, scale, ratio))
+            memory.children = [p.pid for p in self.pool._pool]  # noqa: SLF001 (the pool's worker processes)
+        else:
+            beton = spec["bound_betons"][str(res)] if kind == "bound" else spec["beton"]
+            self.loader = _ffcv_loader(kind, beton, res, spec["batch_size"], spec["workers"], scale, ratio,
+                                       spec["seed"])
+
+    def _batches(self):
+        if self.spec["loader"] != "pil":
+            return (images for images, _labels in self.loader)
+        batch = self.spec["batch_size"]
+        order = np.random.default_rng([self.spec["seed"], self.epoch]).permutation(self.num_samples)
+        tasks = [(self.spec["seed"] * 1_000_003 + self.epoch * 10_007 + b, order[b * batch:(b + 1) * batch])
+                 for b in range(self.num_samples // batch)]
+        return self.pool.imap(_pil_batch, tasks)
+
+    def run(self) -> float:
+        start, count = time.perf_counter(), 0
+        for images in self._batches():
+            count += len(images)
+        self.epoch += 1
+        return count / (time.perf_counter() - start)
+
+
+def serve(spec: dict) -> None:
+    """Child process: build the loader, run the warm-up epoch, then one epoch per 'run' line on stdin."""
+    protocol = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # anything else printed goes to stderr, never into the replies
+
+    def reply(message: dict) -> None:
+        protocol.write(json.dumps(message) + "\n")
+        protocol.flush()
+
     memory = PeakMemory()
-    kind, res, batch, workers = spec["loader"], spec["res"], spec["batch_size"], spec["workers"]
-    scale, ratio = tuple(spec["scale"]), tuple(spec["ratio"])
-    rates = []
-    if kind == "pil":
-        import multiprocessing
+    epochs = _Epochs(spec, memory)
+    epochs.run()  # warm-up: compilation, page cache, pool start-up
+    reply({"ready": True})
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        reply({"img_per_s": epochs.run()})
+    reply({"peak_rss_mb": memory.stop()})
 
-        from ffcv.reader import Reader
 
-        n = int(Reader(spec["beton"]).num_samples)
-        with multiprocessing.get_context("fork").Pool(
-                workers, initializer=_pil_init, initargs=(spec["beton"], res, scale, ratio)) as pool:
-            memory.children = [p.pid for p in pool._pool]  # noqa: SLF001 (the pool's worker processes)
-            for epoch in range(1 + spec["epochs"]):
-                order = np.random.default_rng([spec["seed"], epoch]).permutation(n)
-                batches = [(spec["seed"] * 1_000_003 + epoch * 10_007 + b, order[b * batch:(b + 1) * batch])
-                           for b in range(n // batch)]
-                start, count = time.perf_counter(), 0
-                for images in pool.imap(_pil_batch, batches):
-                    count += len(images)
-                if epoch:
-                    rates.append(count / (time.perf_counter() - start))
-    else:
-        beton = spec["bound_betons"][str(res)] if kind == "bound" else spec["beton"]
-        loader = _ffcv_loader(kind, beton, res, batch, workers, scale, ratio, spec["seed"])
-        for epoch in range(1 + spec["epochs"]):
-            start, count = time.perf_counter(), 0
-            for images, _labels in loader:
-                count += len(images)
-            if epoch:
-                rates.append(count / (time.perf_counter() - start))
-    return {"rates": rates, "peak_rss_mb": memory.stop()}
+class _Child:
+    def __init__(self, spec: dict):
+        self.name = f"{spec['loader']} at {spec['res']} px"
+        self.proc = subprocess.Popen([sys.executable, __file__, "--beton", spec["beton"], "--res", str(spec["res"]),
+                                      "--json", os.devnull, "--child", json.dumps(spec)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def reply(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"{self.name}: the child process failed (exit {self.proc.wait()})")
+        return json.loads(line)
+
+    def send(self, command: str) -> dict:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self.reply()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -269,8 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--res", type=int, action="append", required=True, help="output side (repeatable)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per child (after one warm-up epoch)")
-    parser.add_argument("--rounds", type=int, default=2, help="times the whole loader sequence is repeated")
+    parser.add_argument("--epochs", type=int, default=5, help="timed epochs per loader (after one warm-up epoch)")
     parser.add_argument("--json", required=True, type=Path)
     parser.add_argument("--loaders", default=",".join(LOADERS))
     parser.add_argument("--scale", type=float, nargs=2, default=(0.2, 1.0))
@@ -281,8 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    if args.child is not None:  # one measurement, result on stdout
-        print(json.dumps(measure(json.loads(args.child))))
+    if args.child is not None:  # a loader's child process, driven through stdin/stdout
+        serve(json.loads(args.child))
         return 0
 
     loaders = [name for name in args.loaders.split(",") if name]
@@ -301,34 +343,34 @@ def main(argv: list[str] | None = None) -> int:
                                                        tuple(args.scale), tuple(args.ratio), args.seed)
 
     machine = _machine()
-    runs: dict[tuple[str, int], list[dict]] = {}
-    for round_index in range(args.rounds):
-        for res in args.res:
-            # Rotate the loader order from round to round so that no loader always runs first.
-            shift = round_index % len(loaders)
+    runs: dict[tuple[str, int], dict] = {}
+    for res in args.res:
+        children = {}
+        for kind in loaders:  # started one after the other: warm-ups do not overlap
+            spec = {"loader": kind, "res": res, "batch_size": args.batch_size, "workers": args.workers,
+                    "beton": args.beton, "bound_betons": bound_betons, "scale": list(args.scale),
+                    "ratio": list(args.ratio), "seed": args.seed}
+            children[kind] = _Child(spec)
+            children[kind].reply()  # ready
+        rates: dict[str, list[float]] = {kind: [] for kind in loaders}
+        for epoch in range(args.epochs):
+            shift = epoch % len(loaders)  # rotate, so that no loader always runs first
             for kind in loaders[shift:] + loaders[:shift]:
-                spec = {"loader": kind, "res": res, "batch_size": args.batch_size, "workers": args.workers,
-                        "epochs": args.epochs, "beton": args.beton, "bound_betons": bound_betons,
-                        "scale": list(args.scale), "ratio": list(args.ratio), "seed": args.seed + round_index}
-                out = subprocess.run([sys.executable, __file__, "--beton", args.beton, "--res", str(res),
-                                      "--json", os.devnull, "--child", json.dumps(spec)],
-                                     capture_output=True, text=True, check=False)
-                if out.returncode:
-                    print(out.stderr, file=sys.stderr)
-                    raise SystemExit(f"{kind} at {res} px failed (exit {out.returncode})")
-                result = json.loads(out.stdout.strip().splitlines()[-1])
-                runs.setdefault((kind, res), []).append(result)
-                print(f"round {round_index} {kind:12s} {res:4d} px: "
-                      f"{', '.join(f'{r:.0f}' for r in result['rates'])} img/s, "
-                      f"peak RSS {result['peak_rss_mb']:.0f} MiB", file=sys.stderr, flush=True)
+                rates[kind].append(children[kind].send("run")["img_per_s"])
+            print(f"{res} px, epoch {epoch}: " + ", ".join(f"{k} {rates[k][-1]:.0f}" for k in loaders) + " img/s",
+                  file=sys.stderr, flush=True)
+        for kind, child in children.items():
+            peak = child.send("stop")["peak_rss_mb"]
+            child.proc.wait()
+            runs[(kind, res)] = {"rates": rates[kind], "peak_rss_mb": peak}
+            print(f"{kind:12s} {res:4d} px: median {statistics.median(rates[kind]):.0f} img/s, "
+                  f"peak RSS {peak:.0f} MiB", file=sys.stderr, flush=True)
 
     results = []
-    for (kind, res), rs in runs.items():
-        rates = [r for run in rs for r in run["rates"]]
-        results.append({"loader": kind, "res": res, "img_per_s": round(statistics.median(rates), 1),
-                        "peak_rss_mb": round(statistics.median(run["peak_rss_mb"] for run in rs), 1),
-                        "epoch_img_per_s": [round(r, 1) for r in rates],
-                        "round_peak_rss_mb": [round(run["peak_rss_mb"], 1) for run in rs]})
+    for (kind, res), run in runs.items():
+        results.append({"loader": kind, "res": res, "img_per_s": round(statistics.median(run["rates"]), 1),
+                        "peak_rss_mb": round(run["peak_rss_mb"], 1),
+                        "epoch_img_per_s": [round(r, 1) for r in run["rates"]]})
     table = {(r["loader"], r["res"]): r for r in results}
     ratios = {}
     for res in args.res:

@@ -12,10 +12,11 @@
  *      MCUs of those rows cannot be avoided in that case.
  *   3. Resample the exact (fractional, after scaling) box to the output size with a separable filter:
  *      bicubic (a = -0.5, widened by the scale factor when shrinking, i.e. antialiased as PIL does) or area
- *      averaging; an optional horizontal flip is folded into the last copy.
+ *      averaging; an optional horizontal flip is folded into the horizontal pass. Rows go from libjpeg to the
+ *      vertical filter as they are decoded: the crop never exists as a whole image.
  *
- * Everything a call needs lives in per-thread state (a reusable libjpeg decompressor and scratch buffers
- * sized to the crop), so the functions are re-entrant and can run from numba's prange threads without
+ * Everything a call needs lives in per-thread state (a reusable libjpeg decompressor and scratch buffers of a
+ * few rows of the crop), so the functions are re-entrant and can run from numba's prange threads without
  * per-sample buffers. libjpeg errors, and the warnings that mean corrupt pixel data, return DM_ERR_JPEG
  * with the message kept per thread (dm_error_message) instead of ending the process.
  *
@@ -83,10 +84,13 @@ typedef struct {
     int cinfo_ready;
     char message[MSG_LEN];
     dm_buffer splice;      /* spliced JPEG */
-    dm_buffer pixels;      /* decoded crop region */
-    dm_buffer pass1, pass2, pass3;  /* resampler intermediates */
-    dm_buffer kernels;     /* filter weights and tap positions */
     dm_buffer segments;    /* restart segment offsets */
+    dm_buffer scanline;    /* one decoded row */
+    dm_buffer kernels;     /* filter weights and tap positions */
+    dm_buffer ring;        /* widened input rows (resampler) */
+    dm_buffer columns;     /* vertical sums, 8 rows per vector (resampler) */
+    dm_buffer outputs;     /* horizontal sums, 8 rows per vector (resampler) */
+    dm_buffer bytes;       /* rounded outputs before the transpose into rows (resampler) */
 } dm_thread;
 
 static pthread_key_t thread_key;
@@ -95,13 +99,9 @@ static pthread_once_t thread_key_once = PTHREAD_ONCE_INIT;
 static void free_thread_state(void *state) {
     dm_thread *t = (dm_thread *)state;
     if (t->cinfo_ready) jpeg_destroy_decompress(&t->cinfo);
-    free(t->splice.data);
-    free(t->pixels.data);
-    free(t->pass1.data);
-    free(t->pass2.data);
-    free(t->pass3.data);
-    free(t->kernels.data);
-    free(t->segments.data);
+    dm_buffer *buffers[] = {&t->splice, &t->segments, &t->scanline, &t->kernels, &t->ring, &t->columns,
+                            &t->outputs, &t->bytes};
+    for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]->data);
     free(t);
 }
 
@@ -473,7 +473,7 @@ static void build_kernel(dm_kernel *k, uint8_t *mem, int in_size, double b0, dou
 }
 
 /* The resampler's arithmetic runs on vectors of 8 floats (GCC vector extensions: SSE2 or NEON by default, an
- * AVX2/FMA clone where the CPU has it). Intermediate rows are padded to a multiple of 8 bytes. */
+ * AVX2/FMA clone where the CPU has it). Widened rows are padded to a multiple of 8 floats. */
 typedef float v8f __attribute__((vector_size(32)));
 
 static size_t pad8(size_t n) { return (n + 7) & ~(size_t)7; }
@@ -498,7 +498,7 @@ static inline void narrow_row(const float *restrict src, int n, uint8_t *restric
 }
 
 /* A source of an image region's rows, handed out once each, top to bottom: the rows of an uncompressed image
- * or of a strip in memory, or scanlines that libjpeg decodes on demand (so that a decoded crop never exists as a
+ * in memory, or scanlines that libjpeg decodes on demand (so that a decoded crop never exists as a
  * whole: only the few rows the vertical filter needs at a time). */
 typedef struct dm_rows {
     const uint8_t *(*next)(struct dm_rows *self);
@@ -519,126 +519,202 @@ static const uint8_t *next_jpeg_row(dm_rows *s) {
     return s->buffer + s->offset;
 }
 
-/* State of one vertical pass: output rows are produced in order, each from a window of input rows that only
- * moves forward, so every input row is widened to floats once, into a ring of `ring_rows` rows. */
-typedef struct {
-    dm_rows *src;
-    int n;               /* bytes per input row */
-    size_t width;        /* floats per ring row: pad8(n) */
-    float *ring;         /* (ring_rows + 1) x width floats, 32-byte aligned; the extra row holds sums */
-    int ring_rows;
-    int next;            /* input rows consumed so far */
-    const float **rows;  /* ring_rows pointers */
-} dm_pass;
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint8_t v16u __attribute__((vector_size(16)));
 
-/* Output rows [begin, end) of a vertical pass into dst (row i at dst + (i - begin) * dst_stride, pad8(n) bytes
- * written per row): row i = sum over taps of weight * input row (first[i] + tap), rounded to bytes. */
-__attribute__((target_clones("arch=x86-64-v3", "default")))
-static void run_pass(dm_pass *p, const dm_kernel *k, int begin, int end, uint8_t *dst, ptrdiff_t dst_stride) {
-    const size_t width = p->width;
-    float *sum = p->ring + (size_t)p->ring_rows * width;
-    for (int i = begin; i < end; i++) {
-        const int first = k->first[i], count = k->count[i];
-        for (; p->next < first; p->next++) p->src->next(p->src);  /* rows no output needs */
-        for (; p->next < first + count; p->next++)
-            widen_row(p->src->next(p->src), p->n, p->ring + (size_t)(p->next % p->ring_rows) * width);
-        const float **rows = p->rows;
-        for (int t = 0; t < count; t++) rows[t] = p->ring + (size_t)((first + t) % p->ring_rows) * width;
-        const float *w = k->weight + (size_t)i * k->taps;
-        size_t x = 0;
-        for (; x + 32 <= width; x += 32) {  /* four independent sums hide the multiply-add latency */
-            v8f a0 = w[0] * *(const v8f *)(rows[0] + x), a1 = w[0] * *(const v8f *)(rows[0] + x + 8);
-            v8f a2 = w[0] * *(const v8f *)(rows[0] + x + 16), a3 = w[0] * *(const v8f *)(rows[0] + x + 24);
-            for (int t = 1; t < count; t++) {
-                const float wt = w[t], *r = rows[t] + x;
-                a0 += wt * *(const v8f *)r;
-                a1 += wt * *(const v8f *)(r + 8);
-                a2 += wt * *(const v8f *)(r + 16);
-                a3 += wt * *(const v8f *)(r + 24);
-            }
-            *(v8f *)(sum + x) = a0;
-            *(v8f *)(sum + x + 8) = a1;
-            *(v8f *)(sum + x + 16) = a2;
-            *(v8f *)(sum + x + 24) = a3;
-        }
-        for (; x < width; x += 8) {
-            v8f acc = w[0] * *(const v8f *)(rows[0] + x);
-            for (int t = 1; t < count; t++) acc += w[t] * *(const v8f *)(rows[t] + x);
-            *(v8f *)(sum + x) = acc;
-        }
-        narrow_row(sum, (int)width, dst + (ptrdiff_t)(i - begin) * dst_stride);
-    }
+enum { GROUP = 8 };  /* output rows resampled together: one float lane per row */
+
+/* In-register transpose of an 8 x 8 block of floats (unpack, shuffle, then swap 128-bit halves). */
+static inline void transpose8(v8f *r) {
+    const v8i lo = {0, 8, 1, 9, 4, 12, 5, 13}, hi = {2, 10, 3, 11, 6, 14, 7, 15};
+    const v8i even = {0, 1, 8, 9, 4, 5, 12, 13}, odd = {2, 3, 10, 11, 6, 7, 14, 15};
+    const v8i low_halves = {0, 1, 2, 3, 8, 9, 10, 11}, high_halves = {4, 5, 6, 7, 12, 13, 14, 15};
+    v8f t0 = __builtin_shuffle(r[0], r[1], lo), t1 = __builtin_shuffle(r[0], r[1], hi);
+    v8f t2 = __builtin_shuffle(r[2], r[3], lo), t3 = __builtin_shuffle(r[2], r[3], hi);
+    v8f t4 = __builtin_shuffle(r[4], r[5], lo), t5 = __builtin_shuffle(r[4], r[5], hi);
+    v8f t6 = __builtin_shuffle(r[6], r[7], lo), t7 = __builtin_shuffle(r[6], r[7], hi);
+    v8f u0 = __builtin_shuffle(t0, t2, even), u1 = __builtin_shuffle(t0, t2, odd);
+    v8f u2 = __builtin_shuffle(t1, t3, even), u3 = __builtin_shuffle(t1, t3, odd);
+    v8f u4 = __builtin_shuffle(t4, t6, even), u5 = __builtin_shuffle(t4, t6, odd);
+    v8f u6 = __builtin_shuffle(t5, t7, even), u7 = __builtin_shuffle(t5, t7, odd);
+    r[0] = __builtin_shuffle(u0, u4, low_halves);
+    r[1] = __builtin_shuffle(u1, u5, low_halves);
+    r[2] = __builtin_shuffle(u2, u6, low_halves);
+    r[3] = __builtin_shuffle(u3, u7, low_halves);
+    r[4] = __builtin_shuffle(u0, u4, high_halves);
+    r[5] = __builtin_shuffle(u1, u5, high_halves);
+    r[6] = __builtin_shuffle(u2, u6, high_halves);
+    r[7] = __builtin_shuffle(u3, u7, high_halves);
 }
 
-/* dst (cols x rows RGB pixels, row stride dst_stride) = transpose of src (rows x cols RGB pixels). Pixels move
- * as 4-byte words: the extra byte read is in src's row padding or the next pixel, and the extra byte written
- * lands on the next pixel of the dst row, which is stored after it. A dst row's last pixel is copied as 3 bytes
- * when `exact` (dst rows are exactly 3 * rows bytes); otherwise dst_stride must exceed 3 * rows. src_stride must
- * exceed 3 * cols. */
-static void transpose(const uint8_t *src, ptrdiff_t src_stride, int rows, int cols, uint8_t *dst,
-                      ptrdiff_t dst_stride, int exact) {
-    enum { B = 16 };  /* tiles keep both sides in cache */
-    for (int r0 = 0; r0 < rows; r0 += B) {
-        int r1 = r0 + B < rows ? r0 + B : rows;
-        int short_last = exact && r1 == rows;
-        for (int c0 = 0; c0 < cols; c0 += B) {
-            int c1 = c0 + B < cols ? c0 + B : cols;
-            for (int c = c0; c < c1; c++) {
-                uint8_t *d = dst + (ptrdiff_t)c * dst_stride + (ptrdiff_t)r0 * 3;
-                const uint8_t *s = src + (ptrdiff_t)r0 * src_stride + (ptrdiff_t)c * 3;
-                int r = r0, stop = short_last ? r1 - 1 : r1;
-                for (; r < stop; r++, s += src_stride, d += 3) memcpy(d, s, 4);
-                if (short_last) {
-                    d[0] = s[0];
-                    d[1] = s[1];
-                    d[2] = s[2];
-                }
-            }
-        }
+/* dst rows r = 0..n-1 (row stride dst_stride) receive bytes (x, r) of src, laid out x-major as src[8 x + r], for
+ * x < count: an 8 x 8 byte transpose per 8 columns. */
+static inline void scatter_rows(const uint8_t *src, int count, uint8_t *dst, ptrdiff_t dst_stride, int n) {
+    int x = 0;
+    for (; x + 8 <= count; x += 8) {
+        v16u a, b, c, d;
+        memcpy(&a, src + 8 * x, 16);
+        memcpy(&b, src + 8 * x + 16, 16);
+        memcpy(&c, src + 8 * x + 32, 16);
+        memcpy(&d, src + 8 * x + 48, 16);
+        /* interleave the two 8-byte columns held by each vector, then pairs of pairs */
+        const v16u bytes = {0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15};
+        a = __builtin_shuffle(a, bytes);
+        b = __builtin_shuffle(b, bytes);
+        c = __builtin_shuffle(c, bytes);
+        d = __builtin_shuffle(d, bytes);
+        const v16u pairs_lo = {0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23};
+        const v16u pairs_hi = {8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31};
+        v16u ab0 = __builtin_shuffle(a, b, pairs_lo), ab1 = __builtin_shuffle(a, b, pairs_hi);
+        v16u cd0 = __builtin_shuffle(c, d, pairs_lo), cd1 = __builtin_shuffle(c, d, pairs_hi);
+        const v16u quads_lo = {0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23};
+        const v16u quads_hi = {8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31};
+        v16u rows01 = __builtin_shuffle(ab0, cd0, quads_lo), rows23 = __builtin_shuffle(ab0, cd0, quads_hi);
+        v16u rows45 = __builtin_shuffle(ab1, cd1, quads_lo), rows67 = __builtin_shuffle(ab1, cd1, quads_hi);
+        const v16u *out[4] = {&rows01, &rows23, &rows45, &rows67};
+        for (int r = 0; r < n; r++) memcpy(dst + (ptrdiff_t)r * dst_stride + x, (const uint8_t *)out[r >> 1] + 8 * (r & 1), 8);
     }
+    for (; x < count; x++)
+        for (int r = 0; r < n; r++) dst[(ptrdiff_t)r * dst_stride + x] = src[8 * x + r];
 }
-
-enum { STRIP = 32 };  /* output rows resampled together: every intermediate stays in L1/L2 */
 
 /* Resample the box [x0, x1) x [y0, y1) of an RGB region (rows x cols pixels, its rows coming from `src`) to
- * out_h x out_w into dst (contiguous). Strip by strip: STRIP output rows are filtered vertically (streaming the
- * input rows), transposed, filtered "vertically" again (i.e. horizontally: one row per input column), and
- * transposed into dst; a flip just stores the columns in reverse order. */
+ * out_h x out_w into dst (contiguous), GROUP output rows at a time:
+ *   1. vertical filter: each output row of the group is a weighted sum of widened input rows (a ring that only
+ *      moves forward, so that every input row is read and widened once); 8 x 8 blocks of the sums are
+ *      transposed in registers, so that each of the region's values (column, channel) holds the group's 8
+ *      rows in one vector;
+ *   2. horizontal filter: weighted sums of those vectors, one per output (column, channel), in reverse column
+ *      order for a flip;
+ *   3. rounding to bytes and an 8 x 8 byte transpose back into the group's rows of dst. */
+__attribute__((target_clones("arch=x86-64-v3", "default")))
 static int resample(dm_thread *t, dm_rows *src, int rows, int cols, double y0, double y1, double x0, double x1,
                     uint8_t *dst, int out_h, int out_w, int flags) {
     int area = (flags & DM_FILTER_AREA) != 0;
     int taps_v = kernel_taps(rows, y0, y1, out_h, area), taps_h = kernel_taps(cols, x0, x1, out_w, area);
     size_t kv = kernel_bytes(out_h, taps_v), kh = kernel_bytes(out_w, taps_h);
-    size_t taps = (size_t)(taps_v > taps_h ? taps_v : taps_h);
-    size_t width1 = pad8((size_t)3 * cols), width2 = pad8((size_t)3 * STRIP);        /* floats per ring row */
-    size_t stride1 = pad8((size_t)3 * cols + 1), stride2 = pad8((size_t)3 * STRIP + 1);  /* strip row bytes */
-    size_t ring1 = (size_t)(taps_v + 1) * width1, ring2 = (size_t)(taps_h + 1) * width2;
-    uint8_t *mem = (uint8_t *)reserve(&t->kernels, kv + kh + taps * sizeof(float *) + (ring1 + ring2) * sizeof(float)
-                                                   + 4 * 64);
-    uint8_t *strip1 = (uint8_t *)reserve(&t->pass1, (size_t)STRIP * stride1);  /* STRIP x cols */
-    uint8_t *strip2 = (uint8_t *)reserve(&t->pass2, (size_t)cols * stride2);   /* cols x STRIP */
-    uint8_t *strip3 = (uint8_t *)reserve(&t->pass3, (size_t)out_w * stride2);  /* out_w x STRIP */
-    if (!mem || !strip1 || !strip2 || !strip3) return DM_ERR_NOMEM;
+    uint8_t *kmem = (uint8_t *)reserve(&t->kernels, kv + kh + (size_t)GROUP * taps_v * (sizeof(float *) + sizeof(float))
+                                                    + 128);
+    if (!kmem) return DM_ERR_NOMEM;
+    const float **taps_at = (const float **)align64(kmem + kv + kh);  /* [tap][row of group]: ring row */
+    float *group_w = (float *)(taps_at + (size_t)GROUP * taps_v);       /* [tap][row of group]: weight */
     dm_kernel vertical, horizontal;
-    uint8_t *kmem = (uint8_t *)align64(mem);
     build_kernel(&vertical, kmem, rows, y0, y1, out_h, area);
     build_kernel(&horizontal, kmem + kv, cols, x0, x1, out_w, area);
-    const float **row_ptrs = (const float **)align64(kmem + kv + kh);
-    float *ring_v = (float *)align64(row_ptrs + taps);
-    float *ring_h = (float *)align64(ring_v + ring1);
+    /* The ring holds every input row one group of output rows needs. */
+    int ring_rows = 1;
+    for (int i0 = 0; i0 < out_h; i0 += GROUP) {
+        int last = i0 + GROUP - 1 < out_h - 1 ? i0 + GROUP - 1 : out_h - 1;
+        int span = vertical.first[last] + vertical.count[last] - vertical.first[i0];
+        if (span > ring_rows) ring_rows = span;
+    }
+    const size_t n1 = (size_t)3 * cols, width = pad8(n1), n2 = (size_t)3 * out_w;
+    float *ring = (float *)reserve(&t->ring, (size_t)ring_rows * width * sizeof(float) + 64);
+    float *columns = (float *)reserve(&t->columns, (width + 8) * GROUP * sizeof(float) + 64);   /* (x, 8 rows) */
+    float *outputs = (float *)reserve(&t->outputs, (n2 + 8) * GROUP * sizeof(float) + 64);
+    uint8_t *bytes = (uint8_t *)reserve(&t->bytes, (n2 + 8) * GROUP + 64);
+    if (!ring || !columns || !outputs || !bytes) return DM_ERR_NOMEM;
+    ring = (float *)align64(ring);
+    columns = (float *)align64(columns);
+    outputs = (float *)align64(outputs);
 
-    dm_pass down = {src, 3 * cols, width1, ring_v, taps_v, 0, row_ptrs};
-    for (int i0 = 0; i0 < out_h; i0 += STRIP) {
-        int n = out_h - i0 < STRIP ? out_h - i0 : STRIP;
-        run_pass(&down, &vertical, i0, i0 + n, strip1, (ptrdiff_t)stride1);
-        transpose(strip1, (ptrdiff_t)stride1, n, cols, strip2, (ptrdiff_t)stride2, 0);
-        dm_rows columns = {next_memory_row, strip2, (ptrdiff_t)stride2, 0, NULL, NULL, 0};
-        dm_pass across = {&columns, 3 * n, pad8((size_t)3 * n), ring_h, taps_h, 0, row_ptrs};
-        if (flags & DM_FLIP)
-            run_pass(&across, &horizontal, 0, out_w, strip3 + (size_t)(out_w - 1) * stride2, -(ptrdiff_t)stride2);
-        else
-            run_pass(&across, &horizontal, 0, out_w, strip3, (ptrdiff_t)stride2);
-        transpose(strip3, (ptrdiff_t)stride2, out_w, n, dst + (size_t)i0 * out_w * 3, (ptrdiff_t)out_w * 3, 1);
+    int next = 0;  /* input rows consumed so far */
+    for (int i0 = 0; i0 < out_h; i0 += GROUP) {
+        const int n = out_h - i0 < GROUP ? out_h - i0 : GROUP;
+        const int last = i0 + n - 1;
+        /* Rows of this group's window that have not been read yet. */
+        for (; next < vertical.first[i0]; next++) src->next(src);
+        for (; next < vertical.first[last] + vertical.count[last]; next++)
+            widen_row(src->next(src), (int)n1, ring + (size_t)(next % ring_rows) * width);
+        /* 1. Vertical sums, transposed to (x, row) vectors. Missing rows of a last, partial group repeat its
+         * last row. */
+        /* Every row of the group gets the group's largest tap count, padded with zero weights on a valid row,
+         * so that the eight sums advance together (eight independent multiply-add chains). */
+        int taps = 1;
+        for (int r = 0; r < GROUP; r++) {
+            int i = i0 + (r < n ? r : n - 1);
+            if (vertical.count[i] > taps) taps = vertical.count[i];
+        }
+        for (int r = 0; r < GROUP; r++) {
+            int i = i0 + (r < n ? r : n - 1);
+            const float *wi = vertical.weight + (size_t)i * vertical.taps;
+            for (int k = 0; k < taps; k++) {
+                int kk = k < vertical.count[i] ? k : vertical.count[i] - 1;
+                group_w[k * GROUP + r] = k < vertical.count[i] ? wi[k] : 0.0f;
+                taps_at[k * GROUP + r] = ring + (size_t)((vertical.first[i] + kk) % ring_rows) * width;
+            }
+        }
+        for (size_t x = 0; x < width; x += 8) {
+            v8f acc[GROUP];
+            for (int r = 0; r < GROUP; r++) acc[r] = group_w[r] * *(const v8f *)(taps_at[r] + x);
+            for (int k = 1; k < taps; k++) {
+                const float *wk = group_w + k * GROUP, *const *pk = taps_at + k * GROUP;
+                for (int r = 0; r < GROUP; r++) acc[r] += wk[r] * *(const v8f *)(pk[r] + x);
+            }
+            transpose8(acc);
+            for (int k = 0; k < 8; k++) *(v8f *)(columns + (x + k) * GROUP) = acc[k];
+        }
+        /* 2. Horizontal sums: output (column j, channel c) from region columns first..first+count-1. */
+        const int flip = (flags & DM_FLIP) != 0;
+        int j = 0;
+        for (; j + 2 <= out_w; j += 2) {  /* two outputs at a time: six independent sums */
+            const float *wa = horizontal.weight + (size_t)j * horizontal.taps, *wb = wa + horizontal.taps;
+            const float *pa = columns + (size_t)3 * horizontal.first[j] * GROUP;
+            const float *pb = columns + (size_t)3 * horizontal.first[j + 1] * GROUP;
+            v8f ra = wa[0] * *(const v8f *)pa, ga = wa[0] * *(const v8f *)(pa + 8), ba = wa[0] * *(const v8f *)(pa + 16);
+            v8f rb = wb[0] * *(const v8f *)pb, gb = wb[0] * *(const v8f *)(pb + 8), bb = wb[0] * *(const v8f *)(pb + 16);
+            const int ca = horizontal.count[j], cb = horizontal.count[j + 1];
+            const int common = ca < cb ? ca : cb;
+            int k = 1;
+            for (; k < common; k++) {
+                const float *qa = pa + (size_t)3 * k * GROUP, *qb = pb + (size_t)3 * k * GROUP;
+                ra += wa[k] * *(const v8f *)qa;
+                ga += wa[k] * *(const v8f *)(qa + 8);
+                ba += wa[k] * *(const v8f *)(qa + 16);
+                rb += wb[k] * *(const v8f *)qb;
+                gb += wb[k] * *(const v8f *)(qb + 8);
+                bb += wb[k] * *(const v8f *)(qb + 16);
+            }
+            for (int m = k; m < ca; m++) {
+                const float *qa = pa + (size_t)3 * m * GROUP;
+                ra += wa[m] * *(const v8f *)qa;
+                ga += wa[m] * *(const v8f *)(qa + 8);
+                ba += wa[m] * *(const v8f *)(qa + 16);
+            }
+            for (int m = k; m < cb; m++) {
+                const float *qb = pb + (size_t)3 * m * GROUP;
+                rb += wb[m] * *(const v8f *)qb;
+                gb += wb[m] * *(const v8f *)(qb + 8);
+                bb += wb[m] * *(const v8f *)(qb + 16);
+            }
+            float *oa = outputs + (size_t)3 * (flip ? out_w - 1 - j : j) * GROUP;
+            float *ob = outputs + (size_t)3 * (flip ? out_w - 2 - j : j + 1) * GROUP;
+            *(v8f *)oa = ra;
+            *(v8f *)(oa + 8) = ga;
+            *(v8f *)(oa + 16) = ba;
+            *(v8f *)ob = rb;
+            *(v8f *)(ob + 8) = gb;
+            *(v8f *)(ob + 16) = bb;
+        }
+        for (; j < out_w; j++) {
+            const float *wj = horizontal.weight + (size_t)j * horizontal.taps;
+            const float *base = columns + (size_t)3 * horizontal.first[j] * GROUP;
+            v8f r = wj[0] * *(const v8f *)base, g = wj[0] * *(const v8f *)(base + 8);
+            v8f b = wj[0] * *(const v8f *)(base + 16);
+            for (int k = 1; k < horizontal.count[j]; k++) {
+                const float wk = wj[k], *p = base + (size_t)3 * k * GROUP;
+                r += wk * *(const v8f *)p;
+                g += wk * *(const v8f *)(p + 8);
+                b += wk * *(const v8f *)(p + 16);
+            }
+            float *o = outputs + (size_t)3 * (flip ? out_w - 1 - j : j) * GROUP;
+            *(v8f *)o = r;
+            *(v8f *)(o + 8) = g;
+            *(v8f *)(o + 16) = b;
+        }
+        /* 3. Bytes, back into rows. */
+        narrow_row(outputs, (int)(n2 * GROUP), bytes);
+        scatter_rows(bytes, (int)n2, dst + (size_t)i0 * n2, (ptrdiff_t)n2, n);
     }
     return DM_OK;
 }
@@ -707,7 +783,7 @@ static int decode_region_unguarded(dm_thread *t, const dm_request *q) {
         crop_width = (JDIMENSION)(cx1 - cx0);
         jpeg_crop_scanline(cinfo, &xoffset, &crop_width);  /* widens to whole iMCU columns */
     }
-    uint8_t *row = (uint8_t *)reserve(&t->pixels, (size_t)cinfo->output_width * 3 + 64);
+    uint8_t *row = (uint8_t *)reserve(&t->scanline, (size_t)cinfo->output_width * 3 + 64);
     if (!row) return DM_ERR_NOMEM;
     if (y0 > 0) jpeg_skip_scanlines(cinfo, (JDIMENSION)y0);
     if (q->info) {
