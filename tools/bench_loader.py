@@ -274,6 +274,13 @@ def write_bound_beton(beton: str, res: int, out_dir: Path, quality: int, scale, 
 
     from dailymae_jax.data.write import write_beton
 
+    out = out_dir / f"bound{res}.beton"
+    stat = os.stat(beton)
+    signature = json.dumps({"beton": os.path.abspath(beton), "size": stat.st_size, "mtime": stat.st_mtime,
+                            "res": res, "quality": quality, "scale": list(scale), "ratio": list(ratio), "seed": seed})
+    stamp = out_dir / f"bound{res}.json"
+    if out.is_file() and stamp.is_file() and stamp.read_text() == signature:
+        return str(out)  # written by an earlier run from the same file and settings
     _pil_init(beton, res, scale, ratio)
     folder = out_dir / f"bound{res}" / "images" / "all"
     folder.mkdir(parents=True, exist_ok=True)
@@ -282,9 +289,9 @@ def write_bound_beton(beton: str, res: int, out_dir: Path, quality: int, scale, 
         indices = np.arange(start, min(n, start + 256))
         for index, image in zip(indices, _pil_batch((seed + start, indices))):
             Image.fromarray(image).save(folder / f"{index:07d}.png", compress_level=1)
-    out = out_dir / f"bound{res}.beton"
     write_beton(folder.parent, out, max_resolution=res, jpeg_quality=quality, num_workers=2,
                 chroma_subsampling=_chroma_subsampling(beton))
+    stamp.write_text(signature)
     return str(out)
 
 

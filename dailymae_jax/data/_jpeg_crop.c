@@ -572,7 +572,8 @@ static inline void scatter_rows(const uint8_t *src, int count, uint8_t *dst, ptr
         v16u rows01 = __builtin_shuffle(ab0, cd0, quads_lo), rows23 = __builtin_shuffle(ab0, cd0, quads_hi);
         v16u rows45 = __builtin_shuffle(ab1, cd1, quads_lo), rows67 = __builtin_shuffle(ab1, cd1, quads_hi);
         const v16u *out[4] = {&rows01, &rows23, &rows45, &rows67};
-        for (int r = 0; r < n; r++) memcpy(dst + (ptrdiff_t)r * dst_stride + x, (const uint8_t *)out[r >> 1] + 8 * (r & 1), 8);
+        for (int r = 0; r < n; r++)
+            memcpy(dst + (ptrdiff_t)r * dst_stride + x, (const uint8_t *)out[r >> 1] + 8 * (r & 1), 8);
     }
     for (; x < count; x++)
         for (int r = 0; r < n; r++) dst[(ptrdiff_t)r * dst_stride + x] = src[8 * x + r];
@@ -656,47 +657,7 @@ static int resample(dm_thread *t, dm_rows *src, int rows, int cols, double y0, d
         }
         /* 2. Horizontal sums: output (column j, channel c) from region columns first..first+count-1. */
         const int flip = (flags & DM_FLIP) != 0;
-        int j = 0;
-        for (; j + 2 <= out_w; j += 2) {  /* two outputs at a time: six independent sums */
-            const float *wa = horizontal.weight + (size_t)j * horizontal.taps, *wb = wa + horizontal.taps;
-            const float *pa = columns + (size_t)3 * horizontal.first[j] * GROUP;
-            const float *pb = columns + (size_t)3 * horizontal.first[j + 1] * GROUP;
-            v8f ra = wa[0] * *(const v8f *)pa, ga = wa[0] * *(const v8f *)(pa + 8), ba = wa[0] * *(const v8f *)(pa + 16);
-            v8f rb = wb[0] * *(const v8f *)pb, gb = wb[0] * *(const v8f *)(pb + 8), bb = wb[0] * *(const v8f *)(pb + 16);
-            const int ca = horizontal.count[j], cb = horizontal.count[j + 1];
-            const int common = ca < cb ? ca : cb;
-            int k = 1;
-            for (; k < common; k++) {
-                const float *qa = pa + (size_t)3 * k * GROUP, *qb = pb + (size_t)3 * k * GROUP;
-                ra += wa[k] * *(const v8f *)qa;
-                ga += wa[k] * *(const v8f *)(qa + 8);
-                ba += wa[k] * *(const v8f *)(qa + 16);
-                rb += wb[k] * *(const v8f *)qb;
-                gb += wb[k] * *(const v8f *)(qb + 8);
-                bb += wb[k] * *(const v8f *)(qb + 16);
-            }
-            for (int m = k; m < ca; m++) {
-                const float *qa = pa + (size_t)3 * m * GROUP;
-                ra += wa[m] * *(const v8f *)qa;
-                ga += wa[m] * *(const v8f *)(qa + 8);
-                ba += wa[m] * *(const v8f *)(qa + 16);
-            }
-            for (int m = k; m < cb; m++) {
-                const float *qb = pb + (size_t)3 * m * GROUP;
-                rb += wb[m] * *(const v8f *)qb;
-                gb += wb[m] * *(const v8f *)(qb + 8);
-                bb += wb[m] * *(const v8f *)(qb + 16);
-            }
-            float *oa = outputs + (size_t)3 * (flip ? out_w - 1 - j : j) * GROUP;
-            float *ob = outputs + (size_t)3 * (flip ? out_w - 2 - j : j + 1) * GROUP;
-            *(v8f *)oa = ra;
-            *(v8f *)(oa + 8) = ga;
-            *(v8f *)(oa + 16) = ba;
-            *(v8f *)ob = rb;
-            *(v8f *)(ob + 8) = gb;
-            *(v8f *)(ob + 16) = bb;
-        }
-        for (; j < out_w; j++) {
+        for (int j = 0; j < out_w; j++) {
             const float *wj = horizontal.weight + (size_t)j * horizontal.taps;
             const float *base = columns + (size_t)3 * horizontal.first[j] * GROUP;
             v8f r = wj[0] * *(const v8f *)base, g = wj[0] * *(const v8f *)(base + 8);

@@ -97,8 +97,8 @@ class CropDecoder(SimpleRGBImageDecoder):
     """Base of the crop-decode decoders for ``RGBImageField``: one C call per sample, output-sized buffers only.
 
     (ffcv only accepts instances of the field's default decoder class, SimpleRGBImageDecoder, as the first
-    operation of a pipeline; nothing else of it is used.) Subclasses provide :meth:`crop_params_code`, a numba function ``(height, width, sample, batch_key) ->
-    (top, left, crop_height, crop_width, flip)``.
+    operation of a pipeline; nothing else of it is used.) Subclasses provide :meth:`crop_params_code`, a numba
+    function ``(height, width, sample, batch_key) -> (top, left, crop_height, crop_width, flip)``.
     """
 
     def __init__(self, output_size: tuple[int, int], interpolation: str):
