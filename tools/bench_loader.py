@@ -15,7 +15,8 @@ Loaders (RandomResizedCrop with --scale/--ratio to R x R, every one over the who
 Each (resolution, loader) runs in its own child process, so that peak RSS is per loader. For one resolution
 all children start, build their loader and run one untimed warm-up epoch (numba compilation, page cache);
 then the timed epochs alternate between the loaders, round-robin (the machine's load drifts: epoch-level
-interleaving keeps the comparison fair). img_per_s is the median over the --epochs timed epochs;
+interleaving keeps the comparison fair). img_per_s is the median over the --epochs timed epochs (ratios also
+give the median of the per-epoch ratios, epoch e of one loader against epoch e of the other);
 peak_rss_mb the child's peak resident memory (sampled every 20 ms, the pool's workers added for pil; the
 kernel's ru_maxrss where larger).
 
@@ -386,9 +387,13 @@ def main(argv: list[str] | None = None) -> int:
             continue
         for other in ("ffcv_stock", "pil", "bound"):
             if (other, res) in table:
+                theirs = table[(other, res)]
+                # Epochs e of both loaders ran back to back: their ratio is less exposed to the machine's drift.
+                paired = [a / b for a, b in zip(ours["epoch_img_per_s"], theirs["epoch_img_per_s"])]
                 ratios[f"crop_decode/{other}@{res}"] = {
-                    "speed": round(ours["img_per_s"] / table[(other, res)]["img_per_s"], 3),
-                    "peak_rss": round(ours["peak_rss_mb"] / table[(other, res)]["peak_rss_mb"], 3)}
+                    "speed": round(ours["img_per_s"] / theirs["img_per_s"], 3),
+                    "speed_epoch_paired_median": round(statistics.median(paired), 3),
+                    "peak_rss": round(ours["peak_rss_mb"] / theirs["peak_rss_mb"], 3)}
     report = {"results": results, "ratios": ratios,
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                            if k != "child"},
