@@ -306,12 +306,10 @@ def _machine() -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    import ffcv
-    import PIL
+    from importlib.metadata import version
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "ffcv": ffcv.__version__ if hasattr(ffcv, "__version__") else "1.0.2", "pillow": PIL.__version__,
-            "load_average_at_start": os.getloadavg()}
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "ffcv": version("ffcv"),
+            "pillow": version("pillow"), "load_average_at_start": os.getloadavg()}
 
 
 def main(argv: list[str] | None = None) -> int:

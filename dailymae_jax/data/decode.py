@@ -24,6 +24,7 @@ pipeline would kill ffcv's worker thread and leave the consumer waiting forever.
 from __future__ import annotations
 
 import math
+from abc import abstractmethod
 from dataclasses import replace
 from typing import Callable
 
@@ -111,13 +112,14 @@ class CropDecoder(SimpleRGBImageDecoder):
         # [failures, first failing sample, message]: written by the C kernel's threads, read by raise_if_failed.
         self.errors = np.zeros(ERROR_RECORD_BYTES // 8, np.int64)
 
+    @abstractmethod
     def crop_params_code(self) -> Callable:
-        raise NotImplementedError
+        """The numba function that gives a sample's crop box and flip."""
 
     def declare_state_and_memory(self, previous_state: State) -> tuple[State, AllocationQuery]:
         shape = (*self.output_size, 3)
-        return replace(previous_state, jit_mode=True, shape=shape, dtype=np.dtype("u1")), \
-            AllocationQuery(shape, np.dtype("u1"))
+        state = replace(previous_state, jit_mode=True, shape=shape, dtype=np.dtype("u1"))
+        return state, AllocationQuery(shape, np.dtype("u1"))
 
     def generate_code(self) -> Callable:
         jpg = IMAGE_MODES["jpg"]

@@ -15,8 +15,8 @@ import dataclasses
 import queue
 import threading
 import time
-from pathlib import Path
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import jax
 import numpy as np

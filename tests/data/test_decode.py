@@ -100,6 +100,21 @@ def test_area_crops_match_pil_decode_with_area_resize(photos, subsampling):
             assert _psnr(ours, reference) >= 30, ((top, left, h, w), out, _psnr(ours, reference))
 
 
+@pytest.mark.parametrize("kind", ["progressive", "grayscale"])
+def test_other_jpeg_kinds_take_libjpegs_partial_decode(photos, kind):
+    image = Image.fromarray(photos[0])
+    buffer = io.BytesIO()
+    if kind == "progressive":
+        image.save(buffer, "JPEG", quality=90, progressive=True)
+    else:
+        image.convert("L").save(buffer, "JPEG", quality=90)
+    data = buffer.getvalue()
+    box, out = (37, 51, 300, 410), (128, 160)
+    ours = decode_crop(data, box, out)
+    reference = Image.open(io.BytesIO(data)).convert("RGB").crop((51, 37, 51 + 410, 37 + 300))
+    assert _psnr(ours, np.asarray(reference.resize(out[::-1], Image.BICUBIC))) >= 30
+
+
 def test_flips_are_exact_mirrors(photos):
     rng = np.random.default_rng(9)
     data = _encode(photos[0], "420", restart_interval=1)
@@ -163,6 +178,10 @@ def test_bad_input_gives_clear_errors(photos):
     with pytest.raises(ValueError, match=r"crop box \(top=300, left=0, height=100, width=500\) is outside the "
                                          r"375x500 image"):
         decode_crop(data, (300, 0, 100, 500), (64, 64))
+    cmyk = io.BytesIO()
+    Image.fromarray(photos[0]).convert("CMYK").save(cmyk, "JPEG")
+    with pytest.raises(ValueError, match="Unsupported color conversion"):
+        decode_crop(cmyk.getvalue(), (0, 0, 10, 10), (8, 8))
     with pytest.raises(ValueError, match="interpolation must be one of"):
         decode_crop(data, (0, 0, 10, 10), (8, 8), interpolation="nearest")
     with pytest.raises(ValueError, match="must be positive"):
