@@ -24,6 +24,7 @@ command -v pkg-config >/dev/null || need_os+=(pkg-config)
 command -v g++ >/dev/null || need_os+=(g++)
 pkg-config --exists opencv4 2>/dev/null || need_os+=(libopencv-dev)
 pkg-config --exists libturbojpeg 2>/dev/null || need_os+=(libturbojpeg0-dev)
+pkg-config --exists libjpeg 2>/dev/null || need_os+=(libjpeg-dev)  # dailymae_jax/data/_jpeg_crop.c
 if ((${#need_os[@]})); then
   echo "setup: installing OS packages: ${need_os[*]}"
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -1,8 +1,8 @@
 """Validation data: every image of the split exactly once, centre-cropped, in whole padded global batches.
 
 The standardized validation transform (DailyMAE, and torchvision's Resize(256) + CenterCrop(224)) is the
-centred square of side ``0.875 · min(H, W)`` resized to the output resolution. It is decoded by the loader;
-the decoder is a parameter (``decoder_factory``) so a faster crop-decode kernel can replace ffcv's stock one.
+centred square of side ``0.875 · min(H, W)`` resized to the output resolution (area averaging). Only that
+square is decoded (data.decode.CenterCropDecoder); ``decoder_factory`` swaps in another decoder.
 
 Exact counting: the split's N samples, in file order, fill ``ceil(N / B)`` global batches of B; the slots
 past N are padding. Process p of P reads columns ``[p·B/P, (p+1)·B/P)`` of every global batch, as the
@@ -20,17 +20,19 @@ from typing import Callable, Iterator
 
 import jax
 import numpy as np
-from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
-from ffcv.loader import Loader, OrderOption
+from ffcv.fields.decoders import IntDecoder
+from ffcv.loader import OrderOption
 
+from dailymae_jax.data.decode import CenterCropDecoder
+from dailymae_jax.data.loader import CheckedLoader
 from dailymae_jax.data.shard import BatchSharding
 
 VAL_CROP_RATIO = 0.875  # 224 / 256
 
 
-def center_crop_decoder(resolution: int, ratio: float = VAL_CROP_RATIO):
-    """ffcv's stock decoder: centre square of side ``int(ratio · min(H, W))``, area-resized to ``resolution``."""
-    return CenterCropRGBImageDecoder((resolution, resolution), ratio=ratio)
+def center_crop_decoder(resolution: int, ratio: float = VAL_CROP_RATIO) -> CenterCropDecoder:
+    """Crop decode of the centre square of side ``int(ratio · min(H, W))``, area-resized to ``resolution``."""
+    return CenterCropDecoder((resolution, resolution), ratio=ratio)
 
 
 class EvalOrder:
@@ -89,7 +91,7 @@ class EvalLoader:
         self.sharding = sharding
         indices = order.process_indices()
         self._mask = order.process_mask()
-        self._loader = Loader(
+        self._loader = CheckedLoader(
             str(beton), batch_size=order.local_batch, num_workers=num_workers, order=OrderOption.SEQUENTIAL,
             drop_last=False, indices=indices, batches_ahead=2,
             pipelines={"image": [decoder_factory(resolution, crop_ratio)], "label": [IntDecoder()]})

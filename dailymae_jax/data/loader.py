@@ -15,25 +15,30 @@ import dataclasses
 import queue
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import jax
 import numpy as np
 from ffcv.fields.decoders import IntDecoder
 from ffcv.loader import Loader, OrderOption
 
-from dailymae_jax.data.decode import SeededRandomResizedCrop
+from dailymae_jax.data.decode import CropDecoder, RandomResizedCropDecoder
 from dailymae_jax.data.shard import BatchSharding
 from dailymae_jax.train.schedule import Stage, stage_at
 
 
 @dataclasses.dataclass(frozen=True)
 class CropSpec:
-    """RandomResizedCrop parameters (torchvision's meaning)."""
+    """RandomResizedCrop parameters (torchvision's meaning).
+
+    ``flip`` mirrors half of the crops in the decoder (free: it is folded into the resampling). Pretraining
+    leaves it off and flips on device instead (config.data.hflip, see augment.random_flip).
+    """
 
     scale: tuple[float, float] = (0.2, 1.0)
     ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: bool = False
 
 
 class EpochOrder:
@@ -83,18 +88,37 @@ class _FixedOrder:
         return self.indices
 
 
+class CheckedLoader(Loader):
+    """An ffcv Loader that raises, after the batch that hit it, the first sample its crop decoders could not
+    decode (the decoders record failures instead of raising inside ffcv's worker thread)."""
+
+    def __iter__(self) -> Iterator:
+        decoders = [spec.decoder for spec in self.pipeline_specs.values() if isinstance(spec.decoder, CropDecoder)]
+        return _checked(super().__iter__(), decoders)
+
+
+def _checked(epoch: Iterator, decoders: list[CropDecoder]) -> Iterator:
+    try:
+        for batch in epoch:
+            for decoder in decoders:
+                decoder.raise_if_failed()
+            yield batch
+    finally:
+        epoch.close()
+
+
 def build_ffcv_loader(beton: str | Path, *, resolution: int, local_batch: int, num_workers: int,
                       crop: CropSpec, epoch_indices: np.ndarray, seed: int) -> Loader:
-    """An ffcv Loader that decodes random crops at ``resolution`` for whatever order we hand it.
+    """An ffcv Loader that crop-decodes random crops at ``resolution`` for whatever order we hand it.
 
     ``epoch_indices`` must be a whole epoch's share: ffcv fixes the loader's length from it.
     """
-    loader = Loader(
+    loader = CheckedLoader(
         str(beton), batch_size=local_batch, num_workers=num_workers, order=OrderOption.SEQUENTIAL,
         drop_last=True, indices=epoch_indices, batches_ahead=2,
         pipelines={
-            "image": [SeededRandomResizedCrop((resolution, resolution), scale=crop.scale, ratio=crop.ratio,
-                                              seed=seed)],
+            "image": [RandomResizedCropDecoder((resolution, resolution), scale=crop.scale, ratio=crop.ratio,
+                                               flip=crop.flip, seed=seed)],
             "label": [IntDecoder()],
         })
     loader.traversal_order = _FixedOrder(epoch_indices)

@@ -1,0 +1,289 @@
+"""The crop-decode kernel against PIL (and OpenCV's area resize), its DCT scale choice, splicing, flips, raw
+records, bad input, and the ffcv decoders built on it."""
+
+import io
+import math
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from dailymae_jax.data import decode_crop
+from dailymae_jax.data.jpeg_crop import NO_DCT_SCALING, NO_SPLICE, dct_scale_denominator, resize_crop
+
+OUT_SIDES = (96, 256)
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return math.inf if mse == 0 else 10 * math.log10(255 ** 2 / mse)
+
+
+def _encode(rgb: np.ndarray, subsampling: str, restart_interval: int = 0, quality: int = 90) -> bytes:
+    """JPEG bytes as the .beton writer makes them (OpenCV/libjpeg), with the given chroma subsampling."""
+    factor = cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444 if subsampling == "444" else cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality, cv2.IMWRITE_JPEG_SAMPLING_FACTOR, factor]
+    if restart_interval:
+        params += [cv2.IMWRITE_JPEG_RST_INTERVAL, restart_interval]
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), params)
+    assert ok
+    return data.tobytes()
+
+
+@pytest.fixture(scope="module")
+def photos():
+    """Three real photographs at the sample dataset's geometry (longest side 500): landscape, portrait, odd."""
+    from dailymae_jax.data.sample import source_photograph_paths
+
+    paths = source_photograph_paths()
+    out = []
+    for name, size in (("chelsea", (500, 375)), ("astronaut", (333, 500)), ("coffee", (497, 331))):
+        out.append(np.asarray(Image.open(paths[name]).convert("RGB").resize(size, Image.BICUBIC)))
+    return out
+
+
+def _random_boxes(rng: np.random.Generator, height: int, width: int, count: int):
+    """Random boxes, with tiny crops and boxes touching each border among them."""
+    for k in range(count):
+        if k % 5 == 0:
+            h, w = int(rng.integers(1, 9)), int(rng.integers(1, 9))
+        else:
+            h, w = int(rng.integers(16, height + 1)), int(rng.integers(16, width + 1))
+        top, left = int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+        if k % 4 == 1:
+            top, left = height - h, width - w  # bottom-right corner
+        elif k % 4 == 2:
+            top, left = 0, 0
+        out = (int(rng.integers(*OUT_SIDES, endpoint=True)), int(rng.integers(*OUT_SIDES, endpoint=True)))
+        yield (top, left, h, w), out
+
+
+@pytest.mark.parametrize("subsampling", ["420", "444"])
+@pytest.mark.parametrize("restart_interval", [0, 1])
+def test_bicubic_crops_match_pil(photos, subsampling, restart_interval):
+    rng = np.random.default_rng(7)
+    for rgb in photos:
+        data = _encode(rgb, subsampling, restart_interval)
+        decoded = Image.open(io.BytesIO(data)).convert("RGB")
+        for (top, left, h, w), out in _random_boxes(rng, *rgb.shape[:2], count=15):
+            ours = decode_crop(data, (top, left, h, w), out)
+            reference = np.asarray(decoded.crop((left, top, left + w, top + h)).resize(out[::-1], Image.BICUBIC))
+            assert ours.shape == (*out, 3) and ours.dtype == np.uint8
+            assert _psnr(ours, reference) >= 30, ((top, left, h, w), out, _psnr(ours, reference))
+
+
+def _area_resize(rgb: np.ndarray, out: tuple[int, int]) -> np.ndarray:
+    """Reference area resampling, one axis at a time: OpenCV's INTER_AREA (exact area averaging) where an axis
+    shrinks, PIL's bilinear where it grows (OpenCV's INTER_AREA turns into a near-nearest filter there)."""
+    for axis in (1, 0):
+        size = list(rgb.shape[1::-1])
+        size[1 - axis] = out[axis]
+        if out[axis] <= rgb.shape[axis]:
+            rgb = cv2.resize(np.ascontiguousarray(rgb), tuple(size), interpolation=cv2.INTER_AREA)
+        else:
+            rgb = np.asarray(Image.fromarray(rgb).resize(tuple(size), Image.BILINEAR))
+    return rgb
+
+
+@pytest.mark.parametrize("subsampling", ["420", "444"])
+def test_area_crops_match_pil_decode_with_area_resize(photos, subsampling):
+    # PIL has no area filter (its BOX samples pixel centres): the reference is PIL's decode, same box, and
+    # exact area averaging (OpenCV's INTER_AREA).
+    rng = np.random.default_rng(8)
+    for rgb in photos:
+        data = _encode(rgb, subsampling)
+        decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+        for (top, left, h, w), out in _random_boxes(rng, *rgb.shape[:2], count=10):
+            ours = decode_crop(data, (top, left, h, w), out, interpolation="area")
+            reference = _area_resize(decoded[top:top + h, left:left + w], out)
+            assert _psnr(ours, reference) >= 30, ((top, left, h, w), out, _psnr(ours, reference))
+
+
+@pytest.mark.parametrize("kind", ["progressive", "grayscale"])
+def test_other_jpeg_kinds_take_libjpegs_partial_decode(photos, kind):
+    image = Image.fromarray(photos[0])
+    buffer = io.BytesIO()
+    if kind == "progressive":
+        image.save(buffer, "JPEG", quality=90, progressive=True)
+    else:
+        image.convert("L").save(buffer, "JPEG", quality=90)
+    data = buffer.getvalue()
+    box, out = (37, 51, 300, 410), (128, 160)
+    ours = decode_crop(data, box, out)
+    reference = Image.open(io.BytesIO(data)).convert("RGB").crop((51, 37, 51 + 410, 37 + 300))
+    assert _psnr(ours, np.asarray(reference.resize(out[::-1], Image.BICUBIC))) >= 30
+
+
+def test_flips_are_exact_mirrors(photos):
+    rng = np.random.default_rng(9)
+    data = _encode(photos[0], "420", restart_interval=1)
+    for box, out in _random_boxes(rng, *photos[0].shape[:2], count=10):
+        for interpolation in ("bicubic", "area"):
+            plain = decode_crop(data, box, out, interpolation=interpolation)
+            np.testing.assert_array_equal(decode_crop(data, box, out, flip=True, interpolation=interpolation),
+                                          plain[:, ::-1])
+
+
+def test_dct_scale_is_the_largest_power_of_two_that_covers_the_output(photos):
+    for crop_h, crop_w, out_h, out_w in [(500, 500, 224, 224), (448, 500, 224, 224), (447, 500, 224, 224),
+                                         (375, 500, 112, 112), (500, 500, 16, 16), (300, 100, 96, 32),
+                                         (20, 20, 224, 224)]:
+        d = max(k for k in (1, 2, 4, 8) if crop_h >= k * out_h and crop_w >= k * out_w) \
+            if crop_h >= out_h and crop_w >= out_w else 1
+        assert dct_scale_denominator(crop_h, crop_w, out_h, out_w) == d
+    # The kernel decodes at that scale, and only the rows of the box.
+    data = _encode(photos[0], "420")
+    for box, out in [((10, 20, 360, 470), (112, 112)), ((0, 0, 375, 500), (40, 50)), ((100, 100, 50, 60), (96, 96))]:
+        info = np.zeros(4, np.int32)
+        decode_crop(data, box, out, info=info)
+        d = dct_scale_denominator(box[2], box[3], *out)
+        top, h = box[0], box[2]
+        assert info[0] == d
+        assert info[2] == min(-(-(top + h) // d), -(-375 // d)) - top // d  # rows of the box at the DCT scale
+        assert info[3] <= -(-box[3] // d) + 2 * 16  # the box's columns, widened to MCU boundaries at most
+
+
+def test_dct_scaling_and_splicing_change_little(photos):
+    rgb = photos[1]
+    data = _encode(rgb, "420", restart_interval=1)
+    box, out = (40, 30, 420, 300), (128, 96)
+    info = np.zeros(4, np.int32)
+    fast = decode_crop(data, box, out, info=info)
+    assert info[0] == 2 and info[1] == 1  # scaled by 1/2, restart intervals spliced
+    slow = decode_crop(data, box, out, flags=NO_DCT_SCALING | NO_SPLICE, info=info)
+    assert info[0] == 1 and info[1] == 0
+    assert _psnr(fast, slow) >= 35
+    # Splicing alone changes pixels only through chroma upsampling at the crop's edges.
+    exact_scale = decode_crop(data, box, out, flags=NO_DCT_SCALING)
+    assert _psnr(exact_scale, slow) >= 40
+
+
+def test_raw_pixels_take_the_same_resampler(photos):
+    rgb = photos[2]
+    rng = np.random.default_rng(10)
+    for (top, left, h, w), out in _random_boxes(rng, *rgb.shape[:2], count=10):
+        ours = resize_crop(rgb, (top, left, h, w), out)
+        reference = np.asarray(Image.fromarray(rgb[top:top + h, left:left + w]).resize(out[::-1], Image.BICUBIC))
+        assert _psnr(ours, reference) >= 45  # same filter as PIL; only float rounding differs
+        np.testing.assert_array_equal(resize_crop(rgb, (top, left, h, w), out, flip=True), ours[:, ::-1])
+
+
+def test_bad_input_gives_clear_errors(photos):
+    data = _encode(photos[0], "420")
+    with pytest.raises(ValueError, match="Not a JPEG file"):
+        decode_crop(b"\x89PNG\r\n\x1a\n" + bytes(100), (0, 0, 10, 10), (8, 8))
+    with pytest.raises(ValueError, match="cannot decode JPEG"):
+        decode_crop(data[:len(data) // 2], (300, 0, 75, 500), (64, 64))  # rows past the truncation
+    with pytest.raises(ValueError, match=r"crop box \(top=300, left=0, height=100, width=500\) is outside the "
+                                         r"375x500 image"):
+        decode_crop(data, (300, 0, 100, 500), (64, 64))
+    cmyk = io.BytesIO()
+    Image.fromarray(photos[0]).convert("CMYK").save(cmyk, "JPEG")
+    with pytest.raises(ValueError, match="Unsupported color conversion"):
+        decode_crop(cmyk.getvalue(), (0, 0, 10, 10), (8, 8))
+    with pytest.raises(ValueError, match="interpolation must be one of"):
+        decode_crop(data, (0, 0, 10, 10), (8, 8), interpolation="nearest")
+    with pytest.raises(ValueError, match="must be positive"):
+        decode_crop(data, (0, 0, 0, 10), (8, 8))
+    # Still usable after errors (the per-thread decompressor is reset).
+    assert decode_crop(data, (0, 0, 375, 500), (32, 32)).std() > 10
+
+
+# ffcv decoders ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_betons(tmp_path_factory):
+    """The same 28 photographs written as JPEG and as raw records."""
+    from dailymae_jax.data.sample import make_sample_dataset
+    from dailymae_jax.data.write import write_beton
+
+    root = tmp_path_factory.mktemp("decode")
+    make_sample_dataset(root / "images", num_images=28, seed=0, val_fraction=0.5)
+    jpg, raw = root / "jpg.beton", root / "raw.beton"
+    write_beton(root / "images" / "train", jpg, num_workers=1)
+    write_beton(root / "images" / "train", raw, num_workers=1, write_mode="raw")
+    return jpg, raw
+
+
+def _all_batches(loader):
+    images, labels = zip(*[(np.array(x), np.array(y)) for x, y in loader])
+    return np.concatenate(images), np.concatenate(labels).reshape(-1)
+
+
+def _center_crop_loader(beton, *, resolution: int, batch_size: int):
+    """Every sample once, in file order, through the validation decoder (as eval_loader.EvalLoader reads them)."""
+    from ffcv.fields.decoders import IntDecoder
+    from ffcv.loader import OrderOption
+
+    from dailymae_jax.data.eval_loader import center_crop_decoder
+    from dailymae_jax.data.loader import CheckedLoader
+
+    return CheckedLoader(str(beton), batch_size=batch_size, num_workers=2, order=OrderOption.SEQUENTIAL,
+                         drop_last=False, pipelines={"image": [center_crop_decoder(resolution)],
+                                                     "label": [IntDecoder()]})
+
+
+def _read_jpeg(beton, index: int) -> bytes:
+    from ffcv.reader import Reader
+
+    reader = Reader(str(beton))
+    ptr = int(reader.metadata["f0"][index]["data_ptr"])
+    size = int(reader.alloc_table["size"][reader.alloc_table["ptr"] == ptr][0])
+    return np.fromfile(beton, np.uint8, count=size, offset=ptr).tobytes()
+
+
+@pytest.mark.slow  # numba compiles an ffcv pipeline
+def test_center_crop_loader_matches_reference(small_betons):
+    from dailymae_jax.data.decode import center_crop_box
+
+    jpg, _ = small_betons
+    images, _ = _all_batches(_center_crop_loader(jpg, resolution=64, batch_size=5))
+    assert images.shape == (14, 64, 64, 3)
+    for index in (0, 5, 13):
+        decoded = np.asarray(Image.open(io.BytesIO(_read_jpeg(jpg, index))).convert("RGB"))
+        top, left, h, w = center_crop_box(*decoded.shape[:2], 0.875)
+        assert h == w == int(0.875 * min(decoded.shape[:2]))
+        reference = cv2.resize(np.ascontiguousarray(decoded[top:top + h, left:left + w]), (64, 64),
+                               interpolation=cv2.INTER_AREA)
+        assert _psnr(images[index], reference) >= 30
+
+
+@pytest.mark.slow
+def test_random_crops_are_seeded_and_raw_records_decode_alike(small_betons):
+    from ffcv.fields.decoders import IntDecoder
+    from ffcv.loader import OrderOption
+
+    from dailymae_jax.data.decode import RandomResizedCropDecoder
+    from dailymae_jax.data.loader import CheckedLoader
+
+    def run(beton, seed, flip=True):
+        loader = CheckedLoader(str(beton), batch_size=7, num_workers=2, order=OrderOption.SEQUENTIAL,
+                               pipelines={"image": [RandomResizedCropDecoder((48, 40), flip=flip, seed=seed)],
+                                          "label": [IntDecoder()]})
+        return _all_batches(loader)[0]
+
+    jpg, raw = small_betons
+    first = run(jpg, seed=3)
+    assert first.shape == (14, 48, 40, 3) and first.std() > 10
+    np.testing.assert_array_equal(run(jpg, seed=3), first)  # same seed, same crops and flips
+    assert not np.array_equal(run(jpg, seed=4), first)
+    # Raw records get the same boxes and flips (they depend on the sample and the seed only) and the same
+    # resampler; only the JPEG decode differs.
+    from_raw = run(raw, seed=3)
+    assert min(_psnr(a, b) for a, b in zip(from_raw, first)) >= 30
+
+
+@pytest.mark.slow
+def test_a_corrupt_record_raises_naming_the_sample(small_betons, tmp_path):
+    from ffcv.reader import Reader
+
+    jpg, _ = small_betons
+    broken = tmp_path / "broken.beton"
+    content = bytearray(jpg.read_bytes())
+    ptr = int(Reader(str(jpg)).metadata["f0"][6]["data_ptr"])
+    content[ptr:ptr + 64] = bytes(64)  # sample 6 no longer starts with a JPEG header
+    broken.write_bytes(bytes(content))
+    with pytest.raises(ValueError, match=r"sample 6: Not a JPEG file"):
+        _all_batches(_center_crop_loader(broken, resolution=32, batch_size=4))
