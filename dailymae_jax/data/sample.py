@@ -91,8 +91,9 @@ def _sample_geometry(rng: np.random.Generator, src_w: int, src_h: int) -> tuple[
     crop_h = crop_w / aspect
     shrink = min(1.0, src_w / crop_w, src_h / crop_h)
     crop_w, crop_h = crop_w * shrink, crop_h * shrink
-    left = rng.uniform(0.0, src_w - crop_w)
-    top = rng.uniform(0.0, src_h - crop_h)
+    # max(0, ...): after the shrink the crop can exceed the source by a rounding error.
+    left = rng.uniform(0.0, max(0.0, src_w - crop_w))
+    top = rng.uniform(0.0, max(0.0, src_h - crop_h))
     flip = bool(rng.random() < 0.5)
     if aspect >= 1.0:
         size = (LONGEST_SIDE, round(LONGEST_SIDE / aspect))

@@ -146,3 +146,15 @@ def test_refuses_to_overwrite_foreign_folder_and_bad_arguments(tmp_path: Path) -
         make_sample_dataset(tmp_path / "x", num_images=5)
     with pytest.raises(ValueError, match="val_fraction"):
         make_sample_dataset(tmp_path / "x", num_images=28, val_fraction=1.0)
+
+
+def test_crop_boxes_stay_inside_the_photograph_over_many_draws():
+    # A crop shrunk to fit can exceed the source by a rounding error; drawing its offset then failed
+    # ("high - low < 0") for datasets of about 1000 images or more.
+    from dailymae_jax.data.sample import _sample_geometry
+
+    rng = np.random.default_rng(0)
+    for src_w, src_h in ((512, 512), (640, 427), (427, 640), (3543, 1416)):
+        for _ in range(4000):
+            (left, top, right, bottom), _, _ = _sample_geometry(rng, src_w, src_h)
+            assert 0 <= left <= right <= src_w + 1e-6 and 0 <= top <= bottom <= src_h + 1e-6
