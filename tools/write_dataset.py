@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --write-mode proportion: probability that an image is JPEG-compressed")
     parser.add_argument("--chroma", choices=CHROMA_SUBSAMPLINGS, default=RECIPE_CHROMA,
                         help="JPEG chroma subsampling: 444 (full colour resolution) or 420")
+    parser.add_argument("--restart-interval", type=_int_in(0, 65535), default=0,
+                        help="JPEG restart marker every N MCUs (0: none); 1 lets crop decoding skip the data outside "
+                        "each crop (see docs/PERFORMANCE.md for speed and size)")
     parser.add_argument("--workers", type=_int_in(1), default=_default_workers(), help="processes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     return parser
@@ -115,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         report = write_beton(source, args.out, max_resolution=args.max_resolution, jpeg_quality=args.quality,
                              num_workers=args.workers, write_mode=args.write_mode,
                              smart_threshold=args.smart_threshold, compress_probability=args.compress_probability,
-                             chroma_subsampling=args.chroma, overwrite=args.overwrite,
+                             chroma_subsampling=args.chroma, restart_interval=args.restart_interval,
+                             overwrite=args.overwrite,
                              progress=not args.no_progress)
     except (ValueError, FileExistsError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)

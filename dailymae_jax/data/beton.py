@@ -16,7 +16,7 @@ Image bytes themselves are not decoded.
 Writing. :func:`write_indexed` runs ffcv's writer with three things it lacks: a page size that fits
 the largest image (:func:`page_size_for`), a watch on its worker processes (a worker that fails
 ends the write with its error instead of leaving ffcv waiting forever), and a progress bar;
-:func:`jpeg_chroma` selects 4:4:4 or 4:2:0 JPEGs. What to write, and where, is data/write.py's job.
+:func:`jpeg_encoding` selects 4:4:4 or 4:2:0 JPEGs and restart markers. What to write, and where, is data/write.py's job.
 """
 
 from __future__ import annotations
@@ -284,33 +284,41 @@ def _make_guarded_writer_class() -> type:
 
 
 @contextlib.contextmanager
-def jpeg_chroma(chroma_subsampling: str) -> Iterator[None]:
-    """Make ffcv's JPEG encoder use the requested chroma subsampling while writing.
+def jpeg_encoding(chroma_subsampling: str, restart_interval: int = 0) -> Iterator[None]:
+    """Make ffcv's JPEG encoder use the requested chroma subsampling and restart interval while writing.
 
     ffcv encodes with ``cv2.imencode('.jpg', img, [IMWRITE_JPEG_QUALITY, q])``, which gives
-    4:2:0 (libjpeg's default; checked with OpenCV 5.0: PIL reports sampling 2 == 4:2:0), and has
-    no option for it. A subclass of RGBImageField would not do: the writer stores the field
-    type by exact class, and a subclass makes the file unreadable without custom handlers. So
-    for 4:4:4 the module-level encoder is swapped for the duration of the write; the writer's
-    worker processes are forked inside this block and inherit the swap.
+    4:2:0 (libjpeg's default; checked with OpenCV 5.0: PIL reports sampling 2 == 4:2:0) without
+    restart markers, and has no option for either. A subclass of RGBImageField would not do: the
+    writer stores the field type by exact class, and a subclass makes the file unreadable without
+    custom handlers. So the module-level encoder is swapped for the duration of the write; the
+    writer's worker processes are forked inside this block and inherit the swap.
+
+    ``restart_interval``: a restart marker every that many MCUs (0: none). Restart markers let the
+    crop-decode kernel splice out the entropy-coded data a crop needs (data/_jpeg_crop.c), which
+    works when the interval divides the MCUs of a row: 1 always does.
     """
-    if chroma_subsampling == "420":
+    if chroma_subsampling == "420" and restart_interval == 0:
         yield
         return
     import cv2
     from ffcv.fields import rgb_image
 
-    def encode_jpeg_444(numpy_image: np.ndarray, quality: int) -> np.ndarray:
+    params = [int(cv2.IMWRITE_JPEG_SAMPLING_FACTOR),
+              int(cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444 if chroma_subsampling == "444"
+                  else cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420)]
+    if restart_interval:
+        params += [int(cv2.IMWRITE_JPEG_RST_INTERVAL), int(restart_interval)]
+
+    def encode_jpeg(numpy_image: np.ndarray, quality: int) -> np.ndarray:
         bgr = cv2.cvtColor(numpy_image, cv2.COLOR_RGB2BGR)
-        ok, result = cv2.imencode(".jpg", bgr, [int(cv2.IMWRITE_JPEG_QUALITY), quality,
-                                                int(cv2.IMWRITE_JPEG_SAMPLING_FACTOR),
-                                                int(cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444)])
+        ok, result = cv2.imencode(".jpg", bgr, [int(cv2.IMWRITE_JPEG_QUALITY), quality, *params])
         if not ok:
             raise ValueError("cv2.imencode failed to encode image as JPEG")
         return result.reshape(-1)
 
     original = rgb_image.encode_jpeg
-    rgb_image.encode_jpeg = encode_jpeg_444
+    rgb_image.encode_jpeg = encode_jpeg
     try:
         yield
     finally:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dailymae_jax.data.beton import jpeg_chroma, page_size_for, write_indexed
+from dailymae_jax.data.beton import jpeg_encoding, page_size_for, write_indexed
 from dailymae_jax.data.sources import ImageFolderSource, ImageSource
 
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
@@ -81,13 +81,17 @@ def report_path(out_path: str | Path) -> Path:
 
 
 def _check_settings(max_resolution: int, jpeg_quality: int, num_workers: int, write_mode: str,
-                    smart_threshold: int | None, compress_probability: float, chroma_subsampling: str) -> None:
+                    smart_threshold: int | None, compress_probability: float, chroma_subsampling: str,
+                    restart_interval: int) -> None:
     if write_mode not in WRITE_MODES:
         raise ValueError(f"write_mode must be one of {WRITE_MODES}, got {write_mode!r}")
     if chroma_subsampling not in CHROMA_SUBSAMPLINGS:
         raise ValueError(f"chroma_subsampling must be one of {CHROMA_SUBSAMPLINGS}, got {chroma_subsampling!r}")
     if not 1 <= jpeg_quality <= 100:
         raise ValueError(f"jpeg_quality must be in [1, 100], got {jpeg_quality}")
+    if not 0 <= restart_interval <= 65535:
+        raise ValueError(f"restart_interval must be in [0, 65535] MCUs (0: no restart markers), "
+                         f"got {restart_interval}")
     if max_resolution < 1:
         raise ValueError(f"max_resolution must be positive, got {max_resolution}")
     if num_workers < 1:
@@ -205,13 +209,15 @@ def write_beton(source: str | Path | ImageSource, out_path: str | Path, *,
                 max_resolution: int = RECIPE_MAX_RESOLUTION, jpeg_quality: int = RECIPE_JPEG_QUALITY,
                 num_workers: int = 2, write_mode: str = "jpg", smart_threshold: int | None = None,
                 compress_probability: float = 0.5, chroma_subsampling: str = RECIPE_CHROMA,
-                overwrite: bool = True, progress: bool = True) -> WriteReport:
+                restart_interval: int = 0, overwrite: bool = True, progress: bool = True) -> WriteReport:
     """Write ``source`` (an ImageFolder split folder, or an :class:`ImageSource`) to the FFCV file ``out_path``.
 
     Images larger than ``max_resolution`` on their longest side are downscaled (by ffcv, INTER_AREA).
     ``write_mode``: 'jpg' (every image JPEG at ``jpeg_quality``), 'raw' (uncompressed RGB), 'smart'
     (JPEG only when the raw image exceeds ``smart_threshold`` bytes), 'proportion' (JPEG with
     probability ``compress_probability``). ``chroma_subsampling``: '444' or '420' for the JPEGs.
+    ``restart_interval``: a JPEG restart marker every that many MCUs (0: none); with 1, crop decoding skips
+    the entropy-coded data outside each crop (docs/PERFORMANCE.md measures it) at some cost in file size.
 
     Unreadable items are skipped and listed in the report, which is also saved as
     ``<out_path>.report.json``. The beton is written to ``<out_path>.tmp-<pid>`` and renamed onto
@@ -223,7 +229,7 @@ def write_beton(source: str | Path | ImageSource, out_path: str | Path, *,
     (a worker error, e.g. an image that stopped decoding after the check, or a full disk).
     """
     _check_settings(max_resolution, jpeg_quality, num_workers, write_mode, smart_threshold, compress_probability,
-                    chroma_subsampling)
+                    chroma_subsampling, restart_interval)
     out_path = Path(out_path)
     if out_path.is_dir():
         raise ValueError(f"output path is a folder, give a file name: {out_path}")
@@ -247,7 +253,7 @@ def write_beton(source: str | Path | ImageSource, out_path: str | Path, *,
     tmp_path = out_path.with_name(f"{out_path.name}.tmp-{os.getpid()}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with jpeg_chroma(chroma_subsampling):
+        with jpeg_encoding(chroma_subsampling, restart_interval):
             # Small chunks keep workers balanced on small datasets (ffcv's default is 100).
             write_indexed(tmp_path, fields, _Samples(source, good), num_workers=num_workers,
                           page_size=page_size_for(largest), chunksize=max(1, min(100, len(good) // (num_workers * 4))),
@@ -265,7 +271,7 @@ def write_beton(source: str | Path | ImageSource, out_path: str | Path, *,
         skipped=skipped, source=source.describe(),
         settings={"max_resolution": max_resolution, "jpeg_quality": jpeg_quality, "write_mode": write_mode,
                   "smart_threshold": smart_threshold, "compress_probability": compress_probability,
-                  "chroma_subsampling": chroma_subsampling},
+                  "chroma_subsampling": chroma_subsampling, "restart_interval": restart_interval},
         seconds=round(time.perf_counter() - start, 3), file_bytes=out_path.stat().st_size,
     )
     _write_atomically(report_path(out_path), report.to_json())

@@ -106,6 +106,31 @@ def test_default_jpeg_is_444_and_420_is_honoured(tmp_path: Path) -> None:
         write_beton(tmp_path / "src", tmp_path / "bad.beton", chroma_subsampling="422")
 
 
+def test_restart_markers_let_crop_decoding_splice(tmp_path: Path) -> None:
+    from dailymae_jax.data import decode_crop
+
+    src = tmp_path / "src" / "c"
+    src.mkdir(parents=True)
+    Image.fromarray(_photo((150, 200))).save(src / "x.png")  # 150 wide, 200 high
+    for chroma in ("420", "444"):
+        for interval in (0, 1):
+            out = tmp_path / f"{chroma}-{interval}.beton"
+            report = write_beton(tmp_path / "src", out, num_workers=1, progress=False, chroma_subsampling=chroma,
+                                 restart_interval=interval)
+            assert report.settings["restart_interval"] == interval
+            (blob,) = jpeg_blobs(out)
+            dri = blob.find(b"\xff\xdd")  # define-restart-interval marker: length 4, then the interval
+            assert (dri > 0 and blob[dri + 4:dri + 6] == interval.to_bytes(2, "big")) if interval else dri < 0
+            info = np.zeros(4, np.int32)
+            decoded = decode_crop(blob, (100, 10, 90, 60), (48, 32), info=info)
+            assert info[1] == interval  # spliced exactly when the file has restart markers
+            reference = np.asarray(Image.open(io.BytesIO(blob)).convert("RGB").crop((10, 100, 70, 190))
+                                   .resize((32, 48), Image.BICUBIC), np.float64)
+            assert 10 * np.log10(255 ** 2 / np.mean((decoded - reference) ** 2)) >= 30
+    with pytest.raises(ValueError, match="restart_interval"):
+        write_beton(tmp_path / "src", tmp_path / "bad.beton", restart_interval=-1)
+
+
 def test_raw_smart_and_proportion_modes(sample_train: Path, tmp_path: Path) -> None:
     write_beton(sample_train, tmp_path / "raw.beton", write_mode="raw", max_resolution=64, progress=False)
     raw = read_samples(tmp_path / "raw.beton")

@@ -59,6 +59,7 @@ def _exit_code_and_stderr(argv: list[str], capsys: pytest.CaptureFixture) -> tup
     (["--compress-probability", "2"], r"argument --compress-probability: must be in \[0, 1\], got 2.0"),
     (["--write-mode", "png"], "argument --write-mode: invalid choice: 'png'"),
     (["--chroma", "422"], "argument --chroma: invalid choice: '422'"),
+    (["--restart-interval", "-1"], "argument --restart-interval: must be in \\[0, 65535\\], got -1"),
     (["--write-mode", "smart"], "--write-mode smart needs --smart-threshold BYTES"),
     (["--smart-threshold", "100"], "--smart-threshold applies only to --write-mode smart"),
     (["--split", "validation"], "apply only to --tfds"),
