@@ -254,3 +254,21 @@ def test_truncated_dataset_gives_one_line_and_exit_code_2(tmp_path, sample_beton
     errors = [line for line in result.stderr.splitlines() if line.startswith("data error:")]
     assert len(errors) == 1 and str(truncated) in errors[0], result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow  # compiles the demo model before the first batch is decoded
+def test_a_corrupt_image_record_gives_one_line_and_exit_code_2(tmp_path, sample_beton):
+    from ffcv.reader import Reader
+
+    broken = tmp_path / "train.beton"
+    data = bytearray(sample_beton.read_bytes())
+    for ptr in Reader(str(sample_beton)).metadata["f0"]["data_ptr"]:  # every image: whichever a batch reads first
+        data[int(ptr):int(ptr) + 64] = bytes(64)
+    broken.write_bytes(bytes(data))
+    result = run_command(main_command(tmp_path / "run", f"--config.data.train_path={broken}"), check=False,
+                         timeout=600)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("data error:")]
+    assert len(errors) == 1 and f"{broken}: " in errors[0] and "failed to decode" in errors[0] \
+        and "Not a JPEG file" in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr

@@ -37,6 +37,7 @@ from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.state import State
 
+from dailymae_jax.data.beton import BetonError
 from dailymae_jax.data.jpeg_crop import (ERROR_RECORD_BYTES, FLIP, decode_into, interpolation_flags,
                                          read_error_record, record_error, resize_into)
 
@@ -165,12 +166,13 @@ class CropDecoder(SimpleRGBImageDecoder):
         decode.is_parallel = True
         return decode
 
-    def raise_if_failed(self) -> None:
-        """Raise ValueError for the first sample that failed to decode since the last call, if any."""
+    def raise_if_failed(self, source: str) -> None:
+        """Raise BetonError naming ``source`` (the file) and the first sample that failed to decode since the
+        last call, if any: a one-line "data error" for the command line (main.py)."""
         failures, sample, message = read_error_record(self.errors)
         if failures:
             self.errors[:] = 0
-            raise ValueError(f"{failures} sample(s) failed to decode; first: sample {sample}: {message}")
+            raise BetonError(f"{source}: {failures} sample(s) failed to decode; first: sample {sample}: {message}")
 
 
 class RandomResizedCropDecoder(CropDecoder):

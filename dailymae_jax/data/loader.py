@@ -94,14 +94,14 @@ class CheckedLoader(Loader):
 
     def __iter__(self) -> Iterator:
         decoders = [spec.decoder for spec in self.pipeline_specs.values() if isinstance(spec.decoder, CropDecoder)]
-        return _checked(super().__iter__(), decoders)
+        return _checked(super().__iter__(), decoders, self.fname)
 
 
-def _checked(epoch: Iterator, decoders: list[CropDecoder]) -> Iterator:
+def _checked(epoch: Iterator, decoders: list[CropDecoder], source: str) -> Iterator:
     try:
         for batch in epoch:
             for decoder in decoders:
-                decoder.raise_if_failed()
+                decoder.raise_if_failed(source)
             yield batch
     finally:
         epoch.close()

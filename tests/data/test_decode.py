@@ -285,5 +285,8 @@ def test_a_corrupt_record_raises_naming_the_sample(small_betons, tmp_path):
     ptr = int(Reader(str(jpg)).metadata["f0"][6]["data_ptr"])
     content[ptr:ptr + 64] = bytes(64)  # sample 6 no longer starts with a JPEG header
     broken.write_bytes(bytes(content))
-    with pytest.raises(ValueError, match=r"sample 6: Not a JPEG file"):
+    from dailymae_jax.data.beton import BetonError
+
+    with pytest.raises(BetonError, match=r"broken.beton: 1 sample\(s\) failed to decode; first: sample 6: Not a JPEG "
+                                         r"file"):
         _all_batches(_center_crop_loader(broken, resolution=32, batch_size=4))
