@@ -256,7 +256,7 @@ def test_truncated_dataset_gives_one_line_and_exit_code_2(tmp_path, sample_beton
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.slow  # compiles the demo model before the first batch is decoded
+@pytest.mark.slow  # starts a run: state init and the numba compile of the first pipeline
 def test_a_corrupt_image_record_gives_one_line_and_exit_code_2(tmp_path, sample_beton):
     from ffcv.reader import Reader
 
