@@ -11,6 +11,7 @@ the compiled step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import queue
 import threading
@@ -97,6 +98,10 @@ class CheckedLoader(Loader):
         return _checked(super().__iter__(), decoders, self.fname)
 
 
+# A stopped decoding thread finishes at most the few batches it holds; one that is stuck must not hang the exit.
+_THREAD_STOP_SECONDS = 60.0
+
+
 def _checked(epoch: Iterator, decoders: list[CropDecoder], source: str) -> Iterator:
     try:
         for batch in epoch:
@@ -104,7 +109,20 @@ def _checked(epoch: Iterator, decoders: list[CropDecoder], source: str) -> Itera
                 decoder.raise_if_failed(source)
             yield batch
     finally:
-        epoch.close()
+        _stop(epoch)
+
+
+def _stop(epoch) -> None:
+    """Stop ffcv's decoding thread, wait for it, then release its buffers.
+
+    ffcv's own close() releases the buffers at once and leaves the thread to notice the request when it next
+    waits. A thread still inside numba's parallel code when the interpreter exits can abort the process
+    ("FATAL: exception not rethrown"), so we wait for it first.
+    """
+    epoch.terminate_event.set()
+    if epoch is not threading.current_thread():
+        epoch.join(_THREAD_STOP_SECONDS)
+    epoch.close()
 
 
 def build_ffcv_loader(beton: str | Path, *, resolution: int, local_batch: int, num_workers: int,
@@ -221,4 +239,10 @@ class TrainLoader:
                     raise item
                 yield item
         finally:
+            # Wait for the producer (and, through its cleanup, ffcv's thread): none may outlive the iteration.
+            # Taking what it still hands over unblocks a producer stuck on a full queue.
             stop.set()
+            deadline = time.monotonic() + _THREAD_STOP_SECONDS
+            while thread.is_alive() and time.monotonic() < deadline:
+                with contextlib.suppress(queue.Empty):
+                    out.get(timeout=0.1)

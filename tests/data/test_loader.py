@@ -1,6 +1,7 @@
 """Sample order, seeded crops and the prefetching loader, on the sample photographs."""
 
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -62,6 +63,20 @@ def test_loader_batches_follow_the_order_and_stages(loader, sample_beton):
     expected = labels_on_disk[loader.order.global_batches(1)[3]]
     np.testing.assert_array_equal(np.asarray(batches[2 + 3].labels), expected)
     assert all(np.asarray(b.images).std() > 10 for b in batches)  # real pixels, not blank buffers
+
+
+def test_stopping_early_leaves_no_decoding_thread_behind(loader):
+    # A thread still decoding when the interpreter exits can abort the process; closing the iteration waits
+    # for ours and for ffcv's.
+    from ffcv.loader.epoch_iterator import EpochIterator
+
+    batches = loader.batches(start_epoch=0, start_step=0, num_epochs=2)
+    next(batches)
+    next(batches)
+    batches.close()
+    alive = [t for t in threading.enumerate() if t.is_alive() and
+             (t.name == "dailymae-prefetch" or isinstance(t, EpochIterator))]
+    assert not alive
 
 
 def test_crops_are_reproducible_and_change_between_epochs(loader):
