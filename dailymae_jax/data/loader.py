@@ -115,13 +115,18 @@ def _checked(epoch: Iterator, decoders: list[CropDecoder], source: str) -> Itera
 def _stop(epoch) -> None:
     """Stop ffcv's decoding thread, wait for it, then release its buffers.
 
-    ffcv's own close() releases the buffers at once and leaves the thread to notice the request when it next
-    waits. A thread still inside numba's parallel code when the interpreter exits can abort the process
-    ("FATAL: exception not rethrown"), so we wait for it first.
+    ffcv's own close() releases the buffers at once and leaves the thread behind: it notices the request only
+    while waiting on a full queue, and at the end of an epoch it blocks for good putting its end marker into a
+    full queue nobody reads. A thread left running (or blocked) when the interpreter exits can abort the
+    process ("FATAL: exception not rethrown"). So: ask it to stop, take a batch off its queue now and then to
+    unblock that last put, and wait until it has ended.
     """
     epoch.terminate_event.set()
-    if epoch is not threading.current_thread():
-        epoch.join(_THREAD_STOP_SECONDS)
+    deadline = time.monotonic() + _THREAD_STOP_SECONDS
+    while epoch is not threading.current_thread() and epoch.is_alive() and time.monotonic() < deadline:
+        epoch.join(0.5)
+        with contextlib.suppress(queue.Empty):
+            epoch.output_queue.get_nowait()
     epoch.close()
 
 
