@@ -93,15 +93,19 @@ class PeakMemory:
 _PIL_STATE: dict = {}
 
 
-def _pil_init(beton: str, res: int, scale: tuple[float, float], ratio: tuple[float, float]) -> None:
+def _image_records(beton: str) -> tuple[np.ndarray, dict[int, int], np.ndarray]:
+    """(the image field's per-sample metadata, record size by data pointer, the file mapped as bytes)."""
     from ffcv.reader import Reader
 
     reader = Reader(beton)
-    image_field = list(reader.handlers).index("image")
-    meta = reader.metadata[f"f{image_field}"]
+    meta = reader.metadata[f"f{list(reader.handlers).index('image')}"]
     sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
-    _PIL_STATE.update(file=np.memmap(beton, np.uint8, mode="r"), meta=meta, sizes=sizes, res=res, scale=scale,
-                      ratio=ratio)
+    return meta, sizes, np.memmap(beton, np.uint8, mode="r")
+
+
+def _pil_init(beton: str, res: int, scale: tuple[float, float], ratio: tuple[float, float]) -> None:
+    meta, sizes, file = _image_records(beton)
+    _PIL_STATE.update(file=file, meta=meta, sizes=sizes, res=res, scale=scale, ratio=ratio)
 
 
 def _pil_batch(args: tuple[int, np.ndarray]) -> np.ndarray:
@@ -254,12 +258,7 @@ def _chroma_subsampling(beton: str) -> str:
     """'444' or '420' from the first JPEG record's frame header (the bound file copies it)."""
     from PIL import Image
 
-    from ffcv.reader import Reader
-
-    reader = Reader(beton)
-    meta = reader.metadata[f"f{list(reader.handlers).index('image')}"]
-    sizes = dict(zip(reader.alloc_table["ptr"].tolist(), reader.alloc_table["size"].tolist()))
-    file = np.memmap(beton, np.uint8, mode="r")
+    meta, sizes, file = _image_records(beton)
     for field in meta:
         if field["mode"] == 0:
             ptr = int(field["data_ptr"])
