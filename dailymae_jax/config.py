@@ -102,19 +102,10 @@ def finetune_stages(config: ml_collections.ConfigDict) -> tuple[Stage, ...]:
         if len(row) != 2:
             raise ConfigError(f"schedule.stages: {tuple(row)} is not (start_epoch, resolution)")
         result.append(Stage(int(row[0]), int(row[1]), 0.0))
-    if result[0].start_epoch != 0:
-        raise ConfigError(f"schedule.stages: the first stage must start at epoch 0, got {result[0].start_epoch}")
-    for previous, stage in zip(result, result[1:]):
-        if stage.start_epoch <= previous.start_epoch:
-            raise ConfigError("schedule.stages: start epochs must be strictly increasing, got "
-                              f"{previous.start_epoch} then {stage.start_epoch}")
-    for stage in result:
-        if stage.resolution <= 0 or stage.resolution % patch:
-            raise ConfigError(f"schedule.stages: resolution {stage.resolution} is not a positive multiple of the "
-                              f"patch size {patch}")
-        if stage.start_epoch >= config.train.epochs:
-            raise ConfigError(f"schedule.stages: stage starts at epoch {stage.start_epoch} but train.epochs is "
-                              f"{config.train.epochs}")
+    try:
+        validate_stages(result, patch=patch, epochs=config.train.epochs, masked=False)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     return tuple(result)
 
 

@@ -38,7 +38,7 @@ def test_finetune_stages_default_and_progressive():
 @pytest.mark.parametrize("key,value,message", [
     ("init.source", "imagenet", "init.source 'imagenet'; allowed: pretrain, file, scratch"),
     ("init.workdir", "", "init.workdir: missing"),
-    ("schedule.stages", ((0, 100),), "schedule.stages: resolution 100 is not a positive multiple of the patch size 16"),
+    ("schedule.stages", ((0, 100),), "schedule.stages: resolution 100 is not divisible by the patch size 16; allowed: positive multiples of 16"),
     ("schedule.stages", ((1, 128),), "schedule.stages: the first stage must start at epoch 0"),
     ("schedule.stages", ((0, 96), (20, 128)), "stage starts at epoch 20 but train.epochs is 10"),
     ("eval.resolutions", (120,), "eval.resolutions: 120 is not a positive multiple of the patch size 16"),

@@ -102,8 +102,12 @@ def stage_at(stages: Sequence[Stage], epoch: int) -> Stage:
     return current
 
 
-def validate_stages(stages: Sequence[Stage], *, patch: int, epochs: int) -> None:
-    """Raises ValueError with one line naming what is wrong."""
+def validate_stages(stages: Sequence[Stage], *, patch: int, epochs: int, masked: bool = True) -> None:
+    """Raises ValueError with one line naming what is wrong.
+
+    ``masked``: pretraining stages, whose mask ratio must lie in (0, 1); classifier stages (finetuning, linear
+    probing) see every patch, so theirs must be 0.
+    """
     if not stages:
         raise ValueError("schedule.stages: empty; give at least one (start_epoch, resolution, mask_ratio)")
     if stages[0].start_epoch != 0:
@@ -113,11 +117,13 @@ def validate_stages(stages: Sequence[Stage], *, patch: int, epochs: int) -> None
             raise ValueError("schedule.stages: start epochs must be strictly increasing, got "
                              f"{previous.start_epoch} then {stage.start_epoch}")
     for stage in stages:
-        if stage.resolution % patch:
+        if stage.resolution <= 0 or stage.resolution % patch:
             raise ValueError(f"schedule.stages: resolution {stage.resolution} is not divisible by the patch size "
-                             f"{patch}; allowed: multiples of {patch}")
-        if not 0.0 < stage.mask_ratio < 1.0:
+                             f"{patch}; allowed: positive multiples of {patch}")
+        if masked and not 0.0 < stage.mask_ratio < 1.0:
             raise ValueError(f"schedule.stages: mask ratio {stage.mask_ratio} must lie in (0, 1)")
+        if not masked and stage.mask_ratio != 0.0:
+            raise ValueError(f"schedule.stages: mask ratio {stage.mask_ratio} of a classifier stage must be 0")
         if stage.start_epoch >= max(epochs, 1):
             raise ValueError(f"schedule.stages: stage starts at epoch {stage.start_epoch} "
                              f"but train.epochs is {epochs}")

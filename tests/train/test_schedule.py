@@ -77,6 +77,14 @@ def test_invalid_stages_name_the_problem(stages, message):
         schedule.validate_stages(stages, patch=16, epochs=5)
 
 
+def test_classifier_stages_must_not_mask():
+    schedule.validate_stages((Stage(0, 96, 0.0), Stage(2, 128, 0.0)), patch=16, epochs=5, masked=False)
+    with pytest.raises(ValueError, match="mask ratio 0.75 of a classifier stage must be 0"):
+        schedule.validate_stages((Stage(0, 96, 0.75),), patch=16, epochs=5, masked=False)
+    with pytest.raises(ValueError, match="positive multiples of 16"):
+        schedule.validate_stages((Stage(0, 0, 0.0),), patch=16, epochs=5, masked=False)
+
+
 def test_unknown_preset_lists_the_allowed_ones():
     with pytest.raises(ValueError, match="scheme1"):
         schedule.preset_stages("nope", epochs=10, base_resolution=224, patch=16)
