@@ -88,13 +88,19 @@ def main(argv: list[str]) -> None:
 
 
 def _fail(message: str, exit_code: int, *, hard: bool = False) -> NoReturn:
-    print(message, file=sys.stderr)
-    if hard:
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(exit_code)
-    sys.exit(exit_code)
+    if not hard:
+        print(message, file=sys.stderr)
+        sys.exit(exit_code)
+    # A hard exit skips interpreter shutdown (background threads may be stuck). Those threads can still print
+    # (e.g. orbax's async saver, a traceback from its closed event loop): silence them first, so that the
+    # message stays the run's last line.
+    logging.shutdown()
+    logging.disable(logging.CRITICAL)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (the process ends here)
+    os.write(2, (message + "\n").encode())
+    os._exit(exit_code)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
