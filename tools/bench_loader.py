@@ -93,7 +93,7 @@ class PeakMemory:
 _PIL_STATE: dict = {}
 
 
-def _image_records(beton: str) -> tuple[np.ndarray, dict[int, int], np.ndarray]:
+def image_records(beton: str) -> tuple[np.ndarray, dict[int, int], np.ndarray]:
     """(the image field's per-sample metadata, record size by data pointer, the file mapped as bytes)."""
     from ffcv.reader import Reader
 
@@ -104,7 +104,7 @@ def _image_records(beton: str) -> tuple[np.ndarray, dict[int, int], np.ndarray]:
 
 
 def _pil_init(beton: str, res: int, scale: tuple[float, float], ratio: tuple[float, float]) -> None:
-    meta, sizes, file = _image_records(beton)
+    meta, sizes, file = image_records(beton)
     _PIL_STATE.update(file=file, meta=meta, sizes=sizes, res=res, scale=scale, ratio=ratio)
 
 
@@ -258,7 +258,7 @@ def _chroma_subsampling(beton: str) -> str:
     """'444' or '420' from the first JPEG record's frame header (the bound file copies it)."""
     from PIL import Image
 
-    meta, sizes, file = _image_records(beton)
+    meta, sizes, file = image_records(beton)
     for field in meta:
         if field["mode"] == 0:
             ptr = int(field["data_ptr"])

@@ -23,6 +23,7 @@ NO_DCT_SCALING = 4
 NO_SPLICE = 8
 FAST_UPSAMPLING = 16
 FAST_IDCT = 32
+DECODE_ONLY = 64  # profiling (tools/bench_decode.py): stop before resampling, destination left untouched
 
 _OK, _ERR_JPEG, _ERR_ARGS, _ERR_NOMEM = 0, -1, -2, -3
 # Loader error record: int64 [count, first failing sample] followed by the first failure's message.
@@ -100,7 +101,8 @@ def dct_scale_denominator(crop_height: int, crop_width: int, out_height: int, ou
     return int(_denominator_c(crop_height, crop_width, out_height, out_width))
 
 
-def _check_call(code: int) -> None:
+def check_result(code: int) -> None:
+    """Raise the error a kernel call's return code stands for (with this thread's libjpeg message), if any."""
     if code == _OK:
         return
     if code == _ERR_NOMEM:
@@ -142,7 +144,7 @@ def decode_crop(jpeg_bytes: bytes | np.ndarray, box: tuple[int, int, int, int], 
         raise ValueError("info must be a contiguous int32 array of at least 4 elements")
     code = _decode_c(data.ctypes.data, data.size, top, left, height, width, out.ctypes.data, out_h, out_w, flags,
                      0 if info is None else info.ctypes.data)
-    _check_call(code)
+    check_result(code)
     return out
 
 
@@ -155,6 +157,6 @@ def resize_crop(pixels: np.ndarray, box: tuple[int, int, int, int], out_size: tu
     pixels = np.ascontiguousarray(pixels)
     out = np.empty((out_h, out_w, 3), np.uint8)
     flags = interpolation_flags(interpolation) | (FLIP if flip else 0)
-    _check_call(_resize_c(pixels.ctypes.data, pixels.shape[0], pixels.shape[1], top, left, height, width,
+    check_result(_resize_c(pixels.ctypes.data, pixels.shape[0], pixels.shape[1], top, left, height, width,
                           out.ctypes.data, out_h, out_w, flags))
     return out

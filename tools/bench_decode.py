@@ -1,0 +1,159 @@
+"""Where one crop decode's time goes: the C kernel called directly on a .beton's JPEG records, one thread.
+
+    python tools/bench_decode.py --beton FILE --res 224 [--res 112 ...] [--images 300] [--rounds 7] --json OUT
+
+For the first --images JPEG records and one RandomResizedCrop box each (--scale/--ratio, seeded, the boxes the
+loader draws), it times these stages per image (thread CPU time, median over --rounds interleaved rounds):
+
+  crop                     decode_crop as the loader runs it: partial decode, then resampling
+  crop_decode_only         the same call stopped before resampling
+  resample_only            the resampler alone, on the crop's pixels already decoded
+  entropy_to_crop_bottom   Huffman decoding of every MCU down to the crop's last row (a 1x1 box there, full
+                           DCT scale, no splicing): what libjpeg cannot skip in a file without restart markers
+  entropy_whole_file       the same down to the image's last row
+  full_decode              the whole image at full scale, no resampling
+  bound_decode             decoding a JPEG of the crop already at R x R (same quality and chroma subsampling,
+                           encoded by PIL): the per-image work of bench_loader's `bound`
+
+This explains bench_loader's ratios (which add the loader's own overhead and two workers sharing the cores).
+Output JSON: {"results": [{"res", "stage", "ms_per_image"}], "settings": {...}, "records": {...}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+STAGES = ("crop", "crop_decode_only", "resample_only", "entropy_to_crop_bottom", "entropy_whole_file",
+          "full_decode", "bound_decode")
+
+
+def jpeg_records(beton: str, count: int) -> list[np.ndarray]:
+    """The first ``count`` JPEG-encoded images of ``beton``'s image field, as byte arrays."""
+    from bench_loader import image_records
+
+    meta, sizes, file = image_records(beton)
+    out = []
+    for field in meta:
+        if field["mode"] == 0:
+            ptr = int(field["data_ptr"])
+            out.append(np.array(file[ptr:ptr + sizes[ptr]]))
+            if len(out) == count:
+                break
+    return out
+
+
+def _time_per_image(run, items) -> float:
+    start = time.thread_time()
+    for item in items:
+        run(*item)
+    return (time.thread_time() - start) / len(items) * 1e3
+
+
+def measure(records: list[np.ndarray], res: int, rounds: int, scale, ratio, seed: int,
+            quality: int) -> dict[str, float]:
+    """Median ms per image of every stage at output size ``res``."""
+    from PIL import Image, JpegImagePlugin
+
+    from dailymae_jax.data import jpeg_crop
+    from dailymae_jax.data.decode import random_resized_crop_box
+
+    np.random.seed(seed)  # random_resized_crop_box is numba code: it draws from numba's copy of numpy's generator
+    pixels, boxes, bounds = [], [], []
+    for data in records:
+        with Image.open(io.BytesIO(data.tobytes())) as image:
+            sampling = JpegImagePlugin.get_sampling(image)
+            rgb = np.asarray(image.convert("RGB"))
+        box = random_resized_crop_box(rgb.shape[0], rgb.shape[1], scale[0], scale[1], math.log(ratio[0]),
+                                      math.log(ratio[1]))
+        top, left, h, w = box
+        crop = np.ascontiguousarray(rgb[top:top + h, left:left + w])
+        small = io.BytesIO()
+        Image.fromarray(crop).resize((res, res), Image.BICUBIC).save(small, "JPEG", quality=quality,
+                                                                     subsampling=sampling)
+        pixels.append((rgb.shape[0], rgb.shape[1], crop))
+        boxes.append(box)
+        bounds.append(np.frombuffer(small.getvalue(), np.uint8))
+
+    out = np.empty((res, res, 3), np.uint8)
+    tiny = np.empty((1, 1, 3), np.uint8)
+    only, whole = jpeg_crop.DECODE_ONLY, jpeg_crop.DECODE_ONLY | jpeg_crop.NO_DCT_SCALING
+    entropy = whole | jpeg_crop.NO_SPLICE
+
+    checked = jpeg_crop.check_result
+    calls = {
+        "crop": (lambda d, b: checked(jpeg_crop.decode_into(d, *b, out, 0)), list(zip(records, boxes))),
+        "crop_decode_only": (lambda d, b: checked(jpeg_crop.decode_into(d, *b, out, only)),
+                             list(zip(records, boxes))),
+        "resample_only": (lambda c: checked(jpeg_crop.resize_into(c, c.shape[0], c.shape[1], 0, 0, c.shape[0],
+                                                                  c.shape[1], out, 0)),
+                          [(c,) for _, _, c in pixels]),
+        "entropy_to_crop_bottom": (lambda d, b: checked(jpeg_crop.decode_into(d, b[0] + b[2] - 1, b[1], 1, 1,
+                                                                              tiny, entropy)),
+                                   list(zip(records, boxes))),
+        "entropy_whole_file": (lambda d, hw: checked(jpeg_crop.decode_into(d, hw[0] - 1, 0, 1, 1, tiny, entropy)),
+                               [(d, p[:2]) for d, p in zip(records, pixels)]),
+        "full_decode": (lambda d, hw: checked(jpeg_crop.decode_into(d, 0, 0, hw[0], hw[1], out, whole)),
+                        [(d, p[:2]) for d, p in zip(records, pixels)]),
+        "bound_decode": (lambda d: checked(jpeg_crop.decode_into(d, 0, 0, res, res, out, whole)),
+                         [(d,) for d in bounds]),
+    }
+    times: dict[str, list[float]] = {stage: [] for stage in STAGES}
+    for stage, (run, items) in calls.items():  # warm-up: thread state, page cache, first-call costs
+        _time_per_image(run, items[:10])
+    for r in range(rounds):
+        order = STAGES[r % len(STAGES):] + STAGES[:r % len(STAGES)]  # rotate, so that no stage always runs first
+        for stage in order:
+            run, items = calls[stage]
+            times[stage].append(_time_per_image(run, items))
+    return {stage: statistics.median(values) for stage, values in times.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--beton", required=True)
+    parser.add_argument("--res", type=int, action="append", required=True, help="output side (repeatable)")
+    parser.add_argument("--images", type=int, default=300, help="JPEG records to use (the first ones)")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--scale", type=float, nargs=2, default=(0.2, 1.0))
+    parser.add_argument("--ratio", type=float, nargs=2, default=(3 / 4, 4 / 3))
+    parser.add_argument("--bound-quality", type=int, default=90, help="JPEG quality of the bound's files")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", required=True, type=Path)
+    args = parser.parse_args(argv)
+    if not Path(args.beton).is_file():
+        parser.error(f"--beton: no such file {args.beton}")
+    if args.images < 1 or args.rounds < 1 or min(args.res) < 1:
+        parser.error("--images, --rounds and --res must be at least 1")
+
+    records = jpeg_records(args.beton, args.images)
+    if not records:
+        parser.error(f"--beton: {args.beton} has no JPEG-encoded images")
+    results = []
+    for res in args.res:
+        stages = measure(records, res, args.rounds, tuple(args.scale), tuple(args.ratio), args.seed,
+                         args.bound_quality)
+        for stage, ms in stages.items():
+            results.append({"res": res, "stage": stage, "ms_per_image": round(ms, 4)})
+            print(f"{res:4d} px  {stage:24s} {ms:.3f} ms", file=sys.stderr, flush=True)
+    report = {"results": results,
+              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "records": {"count": len(records), "mean_bytes": round(float(np.mean([r.size for r in records])), 1)}}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
