@@ -7,7 +7,8 @@ loader draws), it times these stages per image (thread CPU time, median over --r
 
   crop                     decode_crop as the loader runs it: partial decode, then resampling
   crop_decode_only         the same call stopped before resampling
-  resample_only            the resampler alone, on the crop's pixels already decoded
+  resample_only            the resampler alone, on the crop's pixels already decoded at the DCT scale the
+                           kernel picks (1/1, 1/2, 1/4 or 1/8 of the crop)
   entropy_to_crop_bottom   Huffman decoding of every MCU down to the crop's last row (a 1x1 box there, full
                            DCT scale, no splicing): what libjpeg cannot skip in a file without restart markers
   entropy_whole_file       the same down to the image's last row
@@ -79,10 +80,12 @@ def measure(records: list[np.ndarray], res: int, rounds: int, scale, ratio, seed
                                       math.log(ratio[1]))
         top, left, h, w = box
         crop = np.ascontiguousarray(rgb[top:top + h, left:left + w])
+        d = jpeg_crop.dct_scale_denominator(h, w, res, res)
+        scaled = Image.fromarray(crop).reduce(d) if d > 1 else Image.fromarray(crop)  # the resampler's input size
         small = io.BytesIO()
         Image.fromarray(crop).resize((res, res), Image.BICUBIC).save(small, "JPEG", quality=quality,
                                                                      subsampling=sampling)
-        pixels.append((rgb.shape[0], rgb.shape[1], crop))
+        pixels.append((rgb.shape[0], rgb.shape[1], np.ascontiguousarray(np.asarray(scaled))))
         boxes.append(box)
         bounds.append(np.frombuffer(small.getvalue(), np.uint8))
 
