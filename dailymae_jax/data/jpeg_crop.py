@@ -158,5 +158,5 @@ def resize_crop(pixels: np.ndarray, box: tuple[int, int, int, int], out_size: tu
     out = np.empty((out_h, out_w, 3), np.uint8)
     flags = interpolation_flags(interpolation) | (FLIP if flip else 0)
     check_result(_resize_c(pixels.ctypes.data, pixels.shape[0], pixels.shape[1], top, left, height, width,
-                          out.ctypes.data, out_h, out_w, flags))
+                           out.ctypes.data, out_h, out_w, flags))
     return out
