@@ -79,12 +79,11 @@ def measure(records: list[np.ndarray], res: int, rounds: int, scale, ratio, seed
         box = random_resized_crop_box(rgb.shape[0], rgb.shape[1], scale[0], scale[1], math.log(ratio[0]),
                                       math.log(ratio[1]))
         top, left, h, w = box
-        crop = np.ascontiguousarray(rgb[top:top + h, left:left + w])
+        crop = Image.fromarray(rgb[top:top + h, left:left + w])
         d = jpeg_crop.dct_scale_denominator(h, w, res, res)
-        scaled = Image.fromarray(crop).reduce(d) if d > 1 else Image.fromarray(crop)  # the resampler's input size
+        scaled = crop.reduce(d) if d > 1 else crop  # the resampler's input size
         small = io.BytesIO()
-        Image.fromarray(crop).resize((res, res), Image.BICUBIC).save(small, "JPEG", quality=quality,
-                                                                     subsampling=sampling)
+        crop.resize((res, res), Image.BICUBIC).save(small, "JPEG", quality=quality, subsampling=sampling)
         pixels.append((rgb.shape[0], rgb.shape[1], np.ascontiguousarray(np.asarray(scaled))))
         boxes.append(box)
         bounds.append(np.frombuffer(small.getvalue(), np.uint8))
