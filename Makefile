@@ -5,11 +5,11 @@ WORKDIR ?= runs/demo
 
 .PHONY: demo test test-fast install clean-demo
 
-$(VENV)/.installed-sample: pyproject.toml setup.py dailymae_jax/data/_jpeg_crop.c tools/setup_env.sh
+$(VENV)/.installed-sample: pyproject.toml setup.py dailymae_jax/data/_jpeg_crop.c dailymae_jax/data/_jpeg_index.c dailymae_jax/data/_jpeg_index.h tools/setup_env.sh
 	bash tools/setup_env.sh $(VENV) sample
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml setup.py dailymae_jax/data/_jpeg_crop.c tools/setup_env.sh
+$(VENV)/.installed-test: pyproject.toml setup.py dailymae_jax/data/_jpeg_crop.c dailymae_jax/data/_jpeg_index.c dailymae_jax/data/_jpeg_index.h tools/setup_env.sh
 	bash tools/setup_env.sh $(VENV) test
 	touch $@ $(VENV)/.installed-sample
 

@@ -1,6 +1,6 @@
 """Builds the one C extension; all other metadata lives in pyproject.toml.
 
-``dailymae_jax/data/_jpeg_crop.c`` links against the system libjpeg (libjpeg-turbo 2.1+: it needs
+``dailymae_jax/data/_jpeg_crop.c`` (with ``_jpeg_index.c``) links against the system libjpeg (libjpeg-turbo 2.1+: it needs
 jpeg_crop_scanline and jpeg_skip_scanlines); tools/setup_env.sh installs its headers. It is loaded through ctypes
 (dailymae_jax/data/jpeg_crop.py), so it uses no Python C API beyond an empty module stub.
 """
@@ -24,7 +24,8 @@ setup(
     ext_modules=[
         Extension(
             "dailymae_jax.data._jpeg_crop",
-            sources=["dailymae_jax/data/_jpeg_crop.c"],
+            sources=["dailymae_jax/data/_jpeg_crop.c", "dailymae_jax/data/_jpeg_index.c"],
+            depends=["dailymae_jax/data/_jpeg_index.h"],
             extra_compile_args=["-O3", "-std=gnu11", *_pkg_config("--cflags", [])],
             extra_link_args=_pkg_config("--libs", ["-ljpeg"]) + ["-lpthread", "-lm"],
         )

@@ -21,8 +21,8 @@ from typing import Callable, NoReturn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dailymae_jax.data.write import (  # noqa: E402
-    CHROMA_SUBSAMPLINGS, RECIPE_CHROMA, RECIPE_JPEG_QUALITY, RECIPE_MAX_RESOLUTION, WRITE_MODES, report_path,
-    write_beton)
+    CHROMA_SUBSAMPLINGS, CROP_INDEX_SPACING, RECIPE_CHROMA, RECIPE_JPEG_QUALITY, RECIPE_MAX_RESOLUTION, WRITE_MODES,
+    report_path, write_beton)
 
 _SHOW_SKIPPED = 10  # skipped items printed; all are in the report file
 
@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--restart-interval", type=_int_in(0, 65535), default=0,
                         help="JPEG restart marker every N MCUs (0: none); 1 lets crop decoding skip the data outside "
                         "each crop (see docs/PERFORMANCE.md for speed and size)")
+    parser.add_argument("--crop-index-spacing", type=_int_in(0, 65535), default=CROP_INDEX_SPACING,
+                        help="JPEGs without restart markers get a crop index (an APP9 segment other decoders skip) "
+                        "with an entry every N pixels of each MCU row, which lets crop decoding skip the rows above "
+                        "and the MCUs beside a crop (0: none)")
     parser.add_argument("--workers", type=_int_in(1), default=_default_workers(), help="processes")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     return parser
@@ -119,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                              num_workers=args.workers, write_mode=args.write_mode,
                              smart_threshold=args.smart_threshold, compress_probability=args.compress_probability,
                              chroma_subsampling=args.chroma, restart_interval=args.restart_interval,
-                             overwrite=args.overwrite,
+                             crop_index_spacing=args.crop_index_spacing, overwrite=args.overwrite,
                              progress=not args.no_progress)
     except (ValueError, FileExistsError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)

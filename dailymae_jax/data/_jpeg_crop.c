@@ -40,6 +40,8 @@
 #include <jpeglib.h>
 #include <jerror.h>
 
+#include "_jpeg_index.h"
+
 #define DM_OK 0
 #define DM_ERR_JPEG (-1)   /* libjpeg rejected the data; see dm_error_message() */
 #define DM_ERR_ARGS (-2)   /* box or output size invalid for this image */
@@ -53,13 +55,16 @@
 #define DM_FAST_UPSAMPLING 16    /* libjpeg's non-fancy chroma upsampling */
 #define DM_FAST_IDCT 32          /* libjpeg's JDCT_IFAST */
 #define DM_DECODE_ONLY 64        /* stop before resampling (profiling only: dst is left untouched) */
+#define DM_LIBJPEG_HUFFMAN 128   /* libjpeg's own Huffman decoder instead of ours (tests, benchmarks) */
+#define DM_NO_INDEX 256          /* ignore a crop index in the file (tests, benchmarks) */
 
 /* info[] slots filled by dm_decode_crop when info is not NULL */
 #define DM_INFO_DENOM 0          /* DCT scale denominator used */
 #define DM_INFO_SPLICED 1        /* 1 if restart intervals were spliced */
 #define DM_INFO_ROWS 2           /* rows of the decoded region (at the DCT scale) */
 #define DM_INFO_COLS 3           /* columns decoded (MCU-aligned, at the DCT scale) */
-#define DM_INFO_LEN 4
+#define DM_INFO_INDEXED 4        /* 1 if a crop index let the Huffman decoder skip what the crop does not need */
+#define DM_INFO_LEN 5
 
 #define DM_MAX_SIDE 65500
 #define MSG_LEN 200
@@ -91,6 +96,7 @@ typedef struct {
     dm_buffer columns;     /* vertical sums, 8 rows per vector (resampler) */
     dm_buffer outputs;     /* horizontal sums, 8 rows per vector (resampler) */
     dm_buffer bytes;       /* rounded outputs before the transpose into rows (resampler) */
+    dm_entropy *entropy;   /* our Huffman decoder (_jpeg_index.c), allocated on first use */
 } dm_thread;
 
 static pthread_key_t thread_key;
@@ -102,6 +108,7 @@ static void free_thread_state(void *state) {
     dm_buffer *buffers[] = {&t->splice, &t->segments, &t->scanline, &t->kernels, &t->ring, &t->columns,
                             &t->outputs, &t->bytes};
     for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]->data);
+    free(t->entropy);
     free(t);
 }
 
@@ -759,6 +766,16 @@ static int decode_region_unguarded(dm_thread *t, const dm_request *q) {
         crop_width = (JDIMENSION)(cx1 - cx0);
         jpeg_crop_scanline(cinfo, &xoffset, &crop_width);  /* widens to whole iMCU columns */
     }
+    /* Our Huffman decoder, which with a crop index in the file (dm_index_add) decodes only the MCUs libjpeg
+     * uses: none of the rows above the crop, none of the columns beside it. */
+    dm_index index;
+    int indexed = 0;
+    if (!(q->flags & DM_LIBJPEG_HUFFMAN)) {
+        int has_index = !(q->flags & DM_NO_INDEX) && dm_index_find(q->data, q->size, &index);
+        int own = dm_entropy_install(&t->entropy, cinfo, has_index ? &index : NULL, (int)xoffset,
+                                     crop_width < (JDIMENSION)scaled_w ? (int)crop_width : 0);
+        indexed = own && has_index && !cinfo->restart_interval;
+    }
     uint8_t *row = (uint8_t *)reserve(&t->scanline, (size_t)cinfo->output_width * 3 + 128);
     if (!row) return DM_ERR_NOMEM;
     /* libjpeg-turbo's SIMD colour conversion writes rows that start on a 32-byte boundary with non-temporal
@@ -771,6 +788,7 @@ static int decode_region_unguarded(dm_thread *t, const dm_request *q) {
         q->info[DM_INFO_DENOM] = d;
         q->info[DM_INFO_ROWS] = y1 - y0;
         q->info[DM_INFO_COLS] = (int32_t)crop_width;
+        q->info[DM_INFO_INDEXED] = indexed;
     }
     dm_rows src = {next_jpeg_row, NULL, 0, 0, cinfo, row, (size_t)(x0 - (int)xoffset) * 3};
     if (q->flags & DM_DECODE_ONLY) {

@@ -169,9 +169,10 @@ def page_size_for(largest_raw_bytes: int) -> int:
     """A page size (power of two) that holds the largest image, raw or JPEG-encoded.
 
     ffcv's workers cannot store an item larger than a page. A baseline JPEG can exceed the raw
-    size at quality 100 on noisy pictures, but not twice over; 64 KiB covers the headers.
+    size at quality 100 on noisy pictures, but not twice over; 64 KiB covers the headers and another 64 KiB
+    the crop index (one APPn segment at most).
     """
-    need = 2 * largest_raw_bytes + (1 << 16)
+    need = 2 * largest_raw_bytes + (2 << 16)
     size = _DEFAULT_PAGE_SIZE
     while size < need:
         size *= 2
@@ -284,8 +285,8 @@ def _make_guarded_writer_class() -> type:
 
 
 @contextlib.contextmanager
-def jpeg_encoding(chroma_subsampling: str, restart_interval: int = 0) -> Iterator[None]:
-    """Make ffcv's JPEG encoder use the requested chroma subsampling and restart interval while writing.
+def jpeg_encoding(chroma_subsampling: str, restart_interval: int = 0, crop_index_spacing: int = 0) -> Iterator[None]:
+    """Make ffcv's JPEG encoder use the requested chroma subsampling, restart interval and crop index.
 
     ffcv encodes with ``cv2.imencode('.jpg', img, [IMWRITE_JPEG_QUALITY, q])``, which gives
     4:2:0 (libjpeg's default; checked with OpenCV 5.0: PIL reports sampling 2 == 4:2:0) without
@@ -297,8 +298,11 @@ def jpeg_encoding(chroma_subsampling: str, restart_interval: int = 0) -> Iterato
     ``restart_interval``: a restart marker every that many MCUs (0: none). Restart markers let the
     crop-decode kernel splice out the entropy-coded data a crop needs (data/_jpeg_crop.c), which
     works when the interval divides the MCUs of a row: 1 always does.
+
+    ``crop_index_spacing``: add a crop index (:func:`data.jpeg_crop.add_crop_index`) with an entry every that
+    many pixels along each MCU row (0: none; files with restart markers get none).
     """
-    if chroma_subsampling == "420" and restart_interval == 0:
+    if chroma_subsampling == "420" and restart_interval == 0 and crop_index_spacing == 0:
         yield
         return
     import cv2
@@ -310,11 +314,18 @@ def jpeg_encoding(chroma_subsampling: str, restart_interval: int = 0) -> Iterato
     if restart_interval:
         params += [int(cv2.IMWRITE_JPEG_RST_INTERVAL), int(restart_interval)]
 
+    mcu_width = 8 if chroma_subsampling == "444" else 16
+    index_step = max(1, crop_index_spacing // mcu_width) if crop_index_spacing and not restart_interval else 0
+
     def encode_jpeg(numpy_image: np.ndarray, quality: int) -> np.ndarray:
         bgr = cv2.cvtColor(numpy_image, cv2.COLOR_RGB2BGR)
         ok, result = cv2.imencode(".jpg", bgr, [int(cv2.IMWRITE_JPEG_QUALITY), quality, *params])
         if not ok:
             raise ValueError("cv2.imencode failed to encode image as JPEG")
+        if index_step:
+            from dailymae_jax.data.jpeg_crop import add_crop_index
+
+            return np.frombuffer(add_crop_index(result.tobytes(), index_step), np.uint8)
         return result.reshape(-1)
 
     original = rgb_image.encode_jpeg

@@ -36,6 +36,9 @@ CHROMA_SUBSAMPLINGS = ("420", "444")
 RECIPE_MAX_RESOLUTION = 500
 RECIPE_JPEG_QUALITY = 95
 RECIPE_CHROMA = "444"
+# A crop-index entry every 64 px of an MCU row: +4% file size for 4:2:0, +7% for 4:4:4, in exchange for 16-25%
+# faster crop decoding (docs/PERFORMANCE.md).
+CROP_INDEX_SPACING = 64
 
 
 @dataclass
@@ -82,7 +85,7 @@ def report_path(out_path: str | Path) -> Path:
 
 def _check_settings(max_resolution: int, jpeg_quality: int, num_workers: int, write_mode: str,
                     smart_threshold: int | None, compress_probability: float, chroma_subsampling: str,
-                    restart_interval: int) -> None:
+                    restart_interval: int, crop_index_spacing: int) -> None:
     if write_mode not in WRITE_MODES:
         raise ValueError(f"write_mode must be one of {WRITE_MODES}, got {write_mode!r}")
     if chroma_subsampling not in CHROMA_SUBSAMPLINGS:
@@ -92,6 +95,8 @@ def _check_settings(max_resolution: int, jpeg_quality: int, num_workers: int, wr
     if not 0 <= restart_interval <= 65535:
         raise ValueError(f"restart_interval must be in [0, 65535] MCUs (0: no restart markers), "
                          f"got {restart_interval}")
+    if not 0 <= crop_index_spacing <= 65535:
+        raise ValueError(f"crop_index_spacing must be in [0, 65535] pixels (0: no crop index), got {crop_index_spacing}")
     if max_resolution < 1:
         raise ValueError(f"max_resolution must be positive, got {max_resolution}")
     if num_workers < 1:
@@ -209,7 +214,8 @@ def write_beton(source: str | Path | ImageSource, out_path: str | Path, *,
                 max_resolution: int = RECIPE_MAX_RESOLUTION, jpeg_quality: int = RECIPE_JPEG_QUALITY,
                 num_workers: int = 2, write_mode: str = "jpg", smart_threshold: int | None = None,
                 compress_probability: float = 0.5, chroma_subsampling: str = RECIPE_CHROMA,
-                restart_interval: int = 0, overwrite: bool = True, progress: bool = True) -> WriteReport:
+                restart_interval: int = 0, crop_index_spacing: int = CROP_INDEX_SPACING, overwrite: bool = True,
+                progress: bool = True) -> WriteReport:
     """Write ``source`` (an ImageFolder split folder, or an :class:`ImageSource`) to the FFCV file ``out_path``.
 
     Images larger than ``max_resolution`` on their longest side are downscaled (by ffcv, INTER_AREA).
@@ -218,6 +224,9 @@ def write_beton(source: str | Path | ImageSource, out_path: str | Path, *,
     probability ``compress_probability``). ``chroma_subsampling``: '444' or '420' for the JPEGs.
     ``restart_interval``: a JPEG restart marker every that many MCUs (0: none); with 1, crop decoding skips
     the entropy-coded data outside each crop (docs/PERFORMANCE.md measures it) at some cost in file size.
+    ``crop_index_spacing``: JPEGs without restart markers get a crop index (an APP9 segment other decoders
+    skip) with an entry every that many pixels along each MCU row, so crop decoding skips Huffman decoding
+    of the rows above and the MCUs beside each crop (0: no index; docs/PERFORMANCE.md measures it).
 
     Unreadable items are skipped and listed in the report, which is also saved as
     ``<out_path>.report.json``. The beton is written to ``<out_path>.tmp-<pid>`` and renamed onto
@@ -229,7 +238,9 @@ def write_beton(source: str | Path | ImageSource, out_path: str | Path, *,
     (a worker error, e.g. an image that stopped decoding after the check, or a full disk).
     """
     _check_settings(max_resolution, jpeg_quality, num_workers, write_mode, smart_threshold, compress_probability,
-                    chroma_subsampling, restart_interval)
+                    chroma_subsampling, restart_interval, crop_index_spacing)
+    if restart_interval:
+        crop_index_spacing = 0  # the kernel splices restart intervals instead
     out_path = Path(out_path)
     if out_path.is_dir():
         raise ValueError(f"output path is a folder, give a file name: {out_path}")
@@ -253,7 +264,7 @@ def write_beton(source: str | Path | ImageSource, out_path: str | Path, *,
     tmp_path = out_path.with_name(f"{out_path.name}.tmp-{os.getpid()}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with jpeg_encoding(chroma_subsampling, restart_interval):
+        with jpeg_encoding(chroma_subsampling, restart_interval, crop_index_spacing):
             # Small chunks keep workers balanced on small datasets (ffcv's default is 100).
             write_indexed(tmp_path, fields, _Samples(source, good), num_workers=num_workers,
                           page_size=page_size_for(largest), chunksize=max(1, min(100, len(good) // (num_workers * 4))),
@@ -271,7 +282,8 @@ def write_beton(source: str | Path | ImageSource, out_path: str | Path, *,
         skipped=skipped, source=source.describe(),
         settings={"max_resolution": max_resolution, "jpeg_quality": jpeg_quality, "write_mode": write_mode,
                   "smart_threshold": smart_threshold, "compress_probability": compress_probability,
-                  "chroma_subsampling": chroma_subsampling, "restart_interval": restart_interval},
+                  "chroma_subsampling": chroma_subsampling, "restart_interval": restart_interval,
+                  "crop_index_spacing": crop_index_spacing},
         seconds=round(time.perf_counter() - start, 3), file_bytes=out_path.stat().st_size,
     )
     _write_atomically(report_path(out_path), report.to_json())

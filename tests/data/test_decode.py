@@ -1,5 +1,5 @@
-"""The crop-decode kernel against PIL (and OpenCV's area resize), its DCT scale choice, splicing, flips, raw
-records, bad input, and the ffcv decoders built on it."""
+"""The crop-decode kernel against PIL (and OpenCV's area resize), its DCT scale choice, splicing, the crop index,
+flips, raw records, bad input, and the ffcv decoders built on it."""
 
 import io
 import math
@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from dailymae_jax.data import decode_crop
-from dailymae_jax.data.jpeg_crop import NO_DCT_SCALING, NO_SPLICE, dct_scale_denominator, resize_crop
+from dailymae_jax.data.jpeg_crop import (INFO_SIZE, LIBJPEG_HUFFMAN, NO_DCT_SCALING, NO_INDEX, NO_SPLICE,
+                                         add_crop_index, dct_scale_denominator, resize_crop)
 
 OUT_SIDES = (96, 256)
 
@@ -60,11 +61,13 @@ def _random_boxes(rng: np.random.Generator, height: int, width: int, count: int)
 
 
 @pytest.mark.parametrize("subsampling", ["420", "444"])
-@pytest.mark.parametrize("restart_interval", [0, 1])
-def test_bicubic_crops_match_pil(photos, subsampling, restart_interval):
+@pytest.mark.parametrize("layout", ["plain", "restart markers", "crop index"])
+def test_bicubic_crops_match_pil(photos, subsampling, layout):
     rng = np.random.default_rng(7)
     for rgb in photos:
-        data = _encode(rgb, subsampling, restart_interval)
+        data = _encode(rgb, subsampling, restart_interval=int(layout == "restart markers"))
+        if layout == "crop index":
+            data = add_crop_index(data)
         decoded = Image.open(io.BytesIO(data)).convert("RGB")
         for (top, left, h, w), out in _random_boxes(rng, *rgb.shape[:2], count=15):
             ours = decode_crop(data, (top, left, h, w), out)
@@ -115,6 +118,63 @@ def test_other_jpeg_kinds_take_libjpegs_partial_decode(photos, kind):
     assert _psnr(ours, np.asarray(reference.resize(out[::-1], Image.BICUBIC))) >= 30
 
 
+def _grayscale_jpeg(rgb: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).convert("L").save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("kind", ["420", "444", "grayscale"])
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_crop_index_decodes_exactly_what_libjpeg_decodes(photos, kind, step):
+    # The index only decides which MCUs are Huffman-decoded: the pixels must be libjpeg's own, bit for bit, for
+    # any box (borders, tiny crops, every DCT scale), both filters and flips; and any decoder must see the file
+    # as before.
+    rng = np.random.default_rng(11)
+    for rgb in photos:
+        data = _grayscale_jpeg(rgb) if kind == "grayscale" else _encode(rgb, kind)
+        indexed = add_crop_index(data, step)
+        mcu = 16 if kind == "420" else 8
+        mcus_y, mcus_x = -(-rgb.shape[0] // mcu), -(-rgb.shape[1] // mcu)
+        entry_bytes = 4 + 2 * (1 if kind == "grayscale" else 3)  # bit position, DC predictor per component
+        assert len(indexed) - len(data) == 4 + 20 + mcus_y * -(-mcus_x // step) * entry_bytes
+        assert add_crop_index(indexed, step) == indexed  # already indexed: unchanged
+        np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(indexed))),
+                                      np.asarray(Image.open(io.BytesIO(data))))
+        for k, (box, out) in enumerate(_random_boxes(rng, *rgb.shape[:2], count=12)):
+            interpolation, flip = ("bicubic", "area")[k % 2], k % 3 == 0
+            info = np.zeros(INFO_SIZE, np.int32)
+            ours = decode_crop(indexed, box, out, flip, interpolation=interpolation, info=info)
+            assert info[4] == 1  # the index was used
+            libjpeg = decode_crop(data, box, out, flip, interpolation=interpolation, flags=LIBJPEG_HUFFMAN)
+            np.testing.assert_array_equal(ours, libjpeg, err_msg=f"box {box} -> {out}")
+            decode_crop(indexed, box, out, flip, interpolation=interpolation, flags=NO_INDEX, info=info)
+            assert info[4] == 0
+
+
+def test_crop_index_is_not_added_where_it_cannot_be_used_and_bad_data_is_named(photos):
+    with_markers = _encode(photos[0], "420", restart_interval=1)
+    assert add_crop_index(with_markers) == with_markers
+    buffer = io.BytesIO()
+    Image.fromarray(photos[0]).save(buffer, "JPEG", quality=90, progressive=True)
+    assert add_crop_index(buffer.getvalue()) == buffer.getvalue()
+    data = _encode(photos[0], "420")
+    with pytest.raises(ValueError, match="^add_crop_index: cannot decode JPEG: .+"):
+        add_crop_index(data[:2000] + bytes(range(256)) * 8)
+    with pytest.raises(ValueError, match="step"):
+        add_crop_index(data, 0)
+    indexed = add_crop_index(data)
+    # An index that no longer matches its file (here: the file cut short) is ignored, not trusted.
+    info = np.zeros(INFO_SIZE, np.int32)
+    decode_crop(indexed[:-2], (300, 0, 60, 80), (32, 32), info=info)
+    assert info[4] == 0
+    # A corrupt index gives the one-line decode error, never a crash or an out-of-bounds read.
+    start = indexed.index(b"DMJXIDX1") + 20
+    corrupt = indexed[:start] + b"\xff" * 400 + indexed[start + 400:]
+    with pytest.raises(ValueError, match="^decode_crop: cannot decode JPEG"):
+        decode_crop(corrupt, (0, 100, 60, 80), (32, 32))
+
+
 def test_flips_are_exact_mirrors(photos):
     rng = np.random.default_rng(9)
     data = _encode(photos[0], "420", restart_interval=1)
@@ -135,7 +195,7 @@ def test_dct_scale_is_the_largest_power_of_two_that_covers_the_output(photos):
     # The kernel decodes at that scale, and only the rows of the box.
     data = _encode(photos[0], "420")
     for box, out in [((10, 20, 360, 470), (112, 112)), ((0, 0, 375, 500), (40, 50)), ((100, 100, 50, 60), (96, 96))]:
-        info = np.zeros(4, np.int32)
+        info = np.zeros(INFO_SIZE, np.int32)
         decode_crop(data, box, out, info=info)
         d = dct_scale_denominator(box[2], box[3], *out)
         top, h = box[0], box[2]
@@ -148,7 +208,7 @@ def test_dct_scaling_and_splicing_change_little(photos):
     rgb = photos[1]
     data = _encode(rgb, "420", restart_interval=1)
     box, out = (40, 30, 420, 300), (128, 96)
-    info = np.zeros(4, np.int32)
+    info = np.zeros(INFO_SIZE, np.int32)
     fast = decode_crop(data, box, out, info=info)
     assert info[0] == 2 and info[1] == 1  # scaled by 1/2, restart intervals spliced
     slow = decode_crop(data, box, out, flags=NO_DCT_SCALING | NO_SPLICE, info=info)

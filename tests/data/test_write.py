@@ -13,6 +13,7 @@ import pytest
 from PIL import Image, JpegImagePlugin
 
 from dailymae_jax.data.beton import check_beton
+from dailymae_jax.data.jpeg_crop import INFO_SIZE
 from dailymae_jax.data.sample import make_sample_dataset, source_photograph_paths
 from dailymae_jax.data.write import report_path, write_beton
 
@@ -121,7 +122,7 @@ def test_restart_markers_let_crop_decoding_splice(tmp_path: Path) -> None:
             (blob,) = jpeg_blobs(out)
             dri = blob.find(b"\xff\xdd")  # define-restart-interval marker: length 4, then the interval
             assert (dri > 0 and blob[dri + 4:dri + 6] == interval.to_bytes(2, "big")) if interval else dri < 0
-            info = np.zeros(4, np.int32)
+            info = np.zeros(INFO_SIZE, np.int32)
             decoded = decode_crop(blob, (100, 10, 90, 60), (48, 32), info=info)
             assert info[1] == interval  # spliced exactly when the file has restart markers
             reference = np.asarray(Image.open(io.BytesIO(blob)).convert("RGB").crop((10, 100, 70, 190))
@@ -129,6 +130,32 @@ def test_restart_markers_let_crop_decoding_splice(tmp_path: Path) -> None:
             assert 10 * np.log10(255 ** 2 / np.mean((decoded - reference) ** 2)) >= 30
     with pytest.raises(ValueError, match="restart_interval"):
         write_beton(tmp_path / "src", tmp_path / "bad.beton", restart_interval=-1)
+
+
+def test_jpegs_get_a_crop_index_unless_disabled_or_restart_marked(tmp_path: Path) -> None:
+    from dailymae_jax.data import decode_crop
+
+    src = tmp_path / "src" / "c"
+    src.mkdir(parents=True)
+    Image.fromarray(_photo((150, 200))).save(src / "x.png")
+    for chroma, spacing, interval, step in (("420", None, 0, 4), ("444", None, 0, 8), ("444", 32, 0, 4),
+                                            ("420", 0, 0, None), ("420", None, 1, None)):
+        out = tmp_path / f"{chroma}-{spacing}-{interval}.beton"
+        kwargs = {} if spacing is None else {"crop_index_spacing": spacing}
+        report = write_beton(tmp_path / "src", out, num_workers=1, progress=False, chroma_subsampling=chroma,
+                             restart_interval=interval, **kwargs)
+        (blob,) = jpeg_blobs(out)
+        at = blob.find(b"DMJXIDX1")
+        assert (at > 0) == (step is not None)
+        assert report.settings["crop_index_spacing"] == (0 if step is None else spacing or 64)
+        if step is not None:
+            assert blob[at - 4:at - 2] == b"\xff\xe9"  # an APP9 segment
+            assert int.from_bytes(blob[at + 8:at + 10], "little") == step  # MCUs between entries
+            info = np.zeros(INFO_SIZE, np.int32)
+            decode_crop(blob, (100, 10, 90, 60), (48, 32), info=info)
+            assert info[4] == 1
+    with pytest.raises(ValueError, match="crop_index_spacing"):
+        write_beton(tmp_path / "src", tmp_path / "bad.beton", crop_index_spacing=-1)
 
 
 def test_raw_smart_and_proportion_modes(sample_train: Path, tmp_path: Path) -> None:
