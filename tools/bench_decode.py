@@ -6,11 +6,14 @@ For the first --images JPEG records and one RandomResizedCrop box each (--scale/
 loader draws), it times these stages per image (thread CPU time, median over --rounds interleaved rounds):
 
   crop                     decode_crop as the loader runs it: partial decode, then resampling
+  crop_no_index            the same, ignoring the file's crop index (our Huffman decoder from the top down)
+  crop_libjpeg_huffman     the same with libjpeg's own Huffman decoder (what the kernel did before the index)
   crop_decode_only         the same call stopped before resampling
   resample_only            the resampler alone, on the crop's pixels already decoded at the DCT scale the
                            kernel picks (1/1, 1/2, 1/4 or 1/8 of the crop)
   entropy_to_crop_bottom   Huffman decoding of every MCU down to the crop's last row (a 1x1 box there, full
-                           DCT scale, no splicing): what libjpeg cannot skip in a file without restart markers
+                           DCT scale, no splicing, libjpeg's Huffman decoder): what libjpeg cannot skip in a
+                           file without restart markers or crop index
   entropy_whole_file       the same down to the image's last row
   full_decode              the whole image at full scale, no resampling
   bound_decode             decoding a JPEG of the crop already at R x R (same quality and chroma subsampling,
@@ -36,7 +39,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-STAGES = ("crop", "crop_decode_only", "resample_only", "entropy_to_crop_bottom", "entropy_whole_file",
+STAGES = ("crop", "crop_no_index", "crop_libjpeg_huffman", "crop_decode_only", "resample_only", "entropy_to_crop_bottom", "entropy_whole_file",
           "full_decode", "bound_decode")
 
 
@@ -91,11 +94,16 @@ def measure(records: list[np.ndarray], res: int, rounds: int, scale, ratio, seed
     out = np.empty((res, res, 3), np.uint8)
     tiny = np.empty((1, 1, 3), np.uint8)
     only, whole = jpeg_crop.DECODE_ONLY, jpeg_crop.DECODE_ONLY | jpeg_crop.NO_DCT_SCALING
-    entropy = whole | jpeg_crop.NO_SPLICE
+    entropy = whole | jpeg_crop.NO_SPLICE | jpeg_crop.NO_INDEX | jpeg_crop.LIBJPEG_HUFFMAN
+    no_index, libjpeg = jpeg_crop.NO_INDEX, jpeg_crop.NO_INDEX | jpeg_crop.LIBJPEG_HUFFMAN
 
     checked = jpeg_crop.check_result
     calls = {
         "crop": (lambda d, b: checked(jpeg_crop.decode_into(d, *b, out, 0)), list(zip(records, boxes))),
+        "crop_no_index": (lambda d, b: checked(jpeg_crop.decode_into(d, *b, out, no_index)),
+                          list(zip(records, boxes))),
+        "crop_libjpeg_huffman": (lambda d, b: checked(jpeg_crop.decode_into(d, *b, out, libjpeg)),
+                                 list(zip(records, boxes))),
         "crop_decode_only": (lambda d, b: checked(jpeg_crop.decode_into(d, *b, out, only)),
                              list(zip(records, boxes))),
         "resample_only": (lambda c: checked(jpeg_crop.resize_into(c, c.shape[0], c.shape[1], 0, 0, c.shape[0],

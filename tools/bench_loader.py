@@ -6,6 +6,7 @@ Usage:
 
 Loaders (RandomResizedCrop with --scale/--ratio to R x R, every one over the whole file each epoch):
   crop_decode  ours: dailymae_jax.data.decode.RandomResizedCropDecoder (crop + DCT-scaled decode, bicubic)
+  crop_decode_noindex  the same, ignoring the files' crop index (not run unless named in --loaders)
   ffcv_stock   ffcv's RandomResizedCropRGBImageDecoder on the same file (full decode, crop, area resize)
   pil          PIL decode + crop + bicubic resize in a pool of --workers processes, each building whole
                batches (what a torchvision ImageFolder DataLoader does), arrays sent back through pipes
@@ -45,6 +46,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 LOADERS = ("crop_decode", "ffcv_stock", "pil", "bound")
+EXTRA_LOADERS = ("crop_decode_noindex",)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -158,10 +160,13 @@ def _ffcv_loader(kind: str, beton: str, res: int, batch: int, workers: int, scal
     from ffcv.loader import Loader, OrderOption
 
     from dailymae_jax.data.decode import RandomResizedCropDecoder
+    from dailymae_jax.data.jpeg_crop import NO_INDEX
     from dailymae_jax.data.loader import CheckedLoader
 
-    if kind == "crop_decode":
+    if kind in ("crop_decode", "crop_decode_noindex"):
         decoder = RandomResizedCropDecoder((res, res), scale=scale, ratio=ratio, flip=True, seed=seed)
+        if kind == "crop_decode_noindex":
+            decoder.flags |= NO_INDEX  # the kernel flags its numba code is compiled with
         cls = CheckedLoader
     elif kind == "ffcv_stock":
         decoder, cls = RandomResizedCropRGBImageDecoder((res, res), scale=scale, ratio=ratio), Loader
@@ -333,9 +338,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     loaders = [name for name in args.loaders.split(",") if name]
-    unknown = sorted(set(loaders) - set(LOADERS))
+    unknown = sorted(set(loaders) - set(LOADERS + EXTRA_LOADERS))
     if unknown:
-        parser.error(f"--loaders: unknown {unknown}; allowed: {', '.join(LOADERS)}")
+        parser.error(f"--loaders: unknown {unknown}; allowed: {', '.join(LOADERS + EXTRA_LOADERS)}")
     if not Path(args.beton).is_file():
         parser.error(f"--beton: no such file {args.beton}")
 
@@ -382,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         ours = table.get(("crop_decode", res))
         if ours is None:
             continue
-        for other in ("ffcv_stock", "pil", "bound"):
+        for other in ("ffcv_stock", "pil", "bound", "crop_decode_noindex"):
             if (other, res) in table:
                 theirs = table[(other, res)]
                 # Epochs e of both loaders ran back to back: their ratio is less exposed to the machine's drift.

@@ -1,5 +1,5 @@
 """Data: sample dataset, .beton writing, the crop-decode kernel and ffcv loaders."""
 
-from dailymae_jax.data.jpeg_crop import decode_crop
+from dailymae_jax.data.jpeg_crop import add_crop_index, decode_crop
 
-__all__ = ["decode_crop"]
+__all__ = ["add_crop_index", "decode_crop"]

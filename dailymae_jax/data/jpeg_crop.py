@@ -1,8 +1,10 @@
-"""The crop-decode kernel (``_jpeg_crop.c``): Python API and the ctypes bindings that numba-compiled loaders call.
+"""The crop-decode kernel (``_jpeg_crop.c``, ``_jpeg_index.c``): Python API and the ctypes bindings that
+numba-compiled loaders call.
 
 :func:`decode_crop` decodes only the part of a JPEG that a crop box needs, at the smallest DCT scale
 (1/1, 1/2, 1/4 or 1/8) that still leaves at least the output's size, and resamples the box to the output size
-(bicubic, or area averaging). The ffcv decoders in :mod:`dailymae_jax.data.decode` call the very same C
+(bicubic, or area averaging). In a file with a crop index (:func:`add_crop_index`, which the dataset writer
+adds), it also Huffman-decodes only the MCUs the crop needs. The ffcv decoders in :mod:`dailymae_jax.data.decode` call the very same C
 function, through :func:`decode_into` and :func:`resize_into`, from their numba code.
 """
 
