@@ -205,45 +205,38 @@ static int read16(const uint8_t *p) { return (p[0] << 8) | p[1]; }
  * with restart markers, i.e. one whose restart segments can be spliced; 0 otherwise (libjpeg then decodes
  * it, and reports anything malformed). */
 static int parse_layout(const uint8_t *s, size_t n, dm_layout *L) {
-    int have_frame = 0, hmax = 1, vmax = 1;
-    size_t pos = 2;
+    int have_frame = 0, hmax = 1, vmax = 1, marker;
+    size_t pos = 2, at, len;
     memset(L, 0, sizeof(*L));
     if (n < 4 || s[0] != 0xFF || s[1] != 0xD8) return 0;
     for (;;) {
-        if (pos >= n || s[pos] != 0xFF) return 0;
-        while (pos < n && s[pos] == 0xFF) pos++;
-        if (pos + 3 > n) return 0;
-        int marker = s[pos++];
-        if (marker == 0x01 || (marker >= 0xD0 && marker <= 0xD9)) return 0;  /* unexpected standalone marker */
-        size_t len = (size_t)read16(s + pos);
-        if (len < 2 || pos + len > n) return 0;
-        const uint8_t *p = s + pos + 2;
+        if (!dm_next_segment(s, n, &pos, &marker, &at, &len)) return 0;
+        const uint8_t *p = s + at;  /* the payload, len bytes */
         if (marker == 0xC0 || marker == 0xC1) {  /* baseline / extended sequential, Huffman */
-            if (have_frame || len < 8) return 0;
+            if (have_frame || len < 6) return 0;
             L->height = read16(p + 1);
             L->width = read16(p + 3);
             L->ncomp = p[5];
-            if (L->ncomp < 1 || L->ncomp > 4 || len < (size_t)(8 + 3 * L->ncomp)) return 0;
+            if (L->ncomp < 1 || L->ncomp > 4 || len < (size_t)(6 + 3 * L->ncomp)) return 0;
             for (int c = 0; c < L->ncomp; c++) {
                 int h = p[7 + 3 * c] >> 4, v = p[7 + 3 * c] & 15;
                 if (h < 1 || h > 4 || v < 1 || v > 4) return 0;
                 if (h > hmax) hmax = h;
                 if (v > vmax) vmax = v;
             }
-            L->size_pos = pos + 3;
+            L->size_pos = at + 1;
             have_frame = 1;
         } else if (marker >= 0xC2 && marker <= 0xCF && marker != 0xC4 && marker != 0xC8 && marker != 0xCC) {
             return 0;  /* progressive, lossless or arithmetic-coded */
         } else if (marker == 0xDD) {
-            if (len < 4) return 0;
+            if (len < 2) return 0;
             L->restart = (unsigned)read16(p);
         } else if (marker == 0xDA) {
             if (!have_frame || L->height == 0 || L->width == 0) return 0;
             if (p[0] != L->ncomp) return 0;  /* non-interleaved (multi-scan) file */
-            L->scan_start = pos + len;
+            L->scan_start = pos;
             break;
         }
-        pos += len;
     }
     if (L->restart == 0) return 0;
     if (L->ncomp == 1) {  /* a single-component scan is not interleaved: one block per MCU */

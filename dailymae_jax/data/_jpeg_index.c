@@ -379,27 +379,36 @@ int dm_entropy_install(dm_entropy **entropy, j_decompress_ptr cinfo, const dm_in
 static int read_be16(const uint8_t *p) { return (p[0] << 8) | p[1]; }
 static int read_le16(const uint8_t *p) { return p[0] | (p[1] << 8); }
 
+int dm_next_segment(const uint8_t *s, size_t n, size_t *pos, int *marker, size_t *payload, size_t *length) {
+    size_t p = *pos;
+    if (p >= n || s[p] != 0xFF) return 0;
+    while (p < n && s[p] == 0xFF) p++;
+    if (p + 3 > n) return 0;
+    *marker = s[p++];
+    if (*marker == 0x01 || (*marker >= 0xD0 && *marker <= 0xD9)) return 0;
+    size_t len = (size_t)read_be16(s + p);
+    if (len < 2 || p + len > n) return 0;
+    *payload = p + 2;
+    *length = len - 2;
+    *pos = p + len;
+    return 1;
+}
+
 /* Walk the marker segments from SOI to the first SOS. Returns the offset of the first byte of entropy-coded data
  * (0 if the header is malformed); *found receives the index segment's payload offset (0 if none). */
 static size_t walk_header(const uint8_t *s, size_t n, size_t *found, size_t *found_len) {
-    size_t pos = 2;
+    size_t pos = 2, payload, len;
+    int marker;
     *found = *found_len = 0;
     if (n < 4 || s[0] != 0xFF || s[1] != 0xD8) return 0;
-    for (;;) {
-        if (pos >= n || s[pos] != 0xFF) return 0;
-        while (pos < n && s[pos] == 0xFF) pos++;
-        if (pos + 3 > n) return 0;
-        int marker = s[pos++];
-        if (marker == 0x01 || (marker >= 0xD0 && marker <= 0xD9)) return 0;
-        size_t len = (size_t)read_be16(s + pos);
-        if (len < 2 || pos + len > n) return 0;
-        if (marker == INDEX_MARKER && len >= 2 + INDEX_HEADER && memcmp(s + pos + 2, INDEX_MAGIC, 8) == 0) {
-            *found = pos + 2;
-            *found_len = len - 2;
+    while (dm_next_segment(s, n, &pos, &marker, &payload, &len)) {
+        if (marker == INDEX_MARKER && len >= INDEX_HEADER && memcmp(s + payload, INDEX_MAGIC, 8) == 0) {
+            *found = payload;
+            *found_len = len;
         }
-        if (marker == 0xDA) return pos + len;
-        pos += len;
+        if (marker == 0xDA) return pos;
     }
+    return 0;
 }
 
 int dm_index_find(const uint8_t *data, size_t size, dm_index *I) {

@@ -24,6 +24,11 @@ typedef struct {
     int mcus_x, mcus_y, ncomp, entry_bytes;
 } dm_index;
 
+/* The marker segment of a JPEG header that starts at *pos (fill bytes 0xFF allowed before it): its marker and
+ * the offset and length of its payload (after the length field); *pos moves past it. Returns 0 at the end of
+ * the data, a malformed length or a standalone marker (a header has none). */
+int dm_next_segment(const uint8_t *data, size_t size, size_t *pos, int *marker, size_t *payload, size_t *length);
+
 typedef struct dm_entropy dm_entropy;  /* our Huffman decoder: tables and bit-reader state */
 
 /* Find and check a crop index in a JPEG (SOI up to the first SOS). Returns 1 if one was found whose sizes
