@@ -9,7 +9,8 @@
  *      frame size, restart markers renumbered), so no MCU outside the crop's MCU-aligned box is ever
  *      entropy-decoded. Otherwise libjpeg decodes the crop's MCU columns (jpeg_crop_scanline), skips the
  *      rows above it (jpeg_skip_scanlines) and stops after its last row; Huffman decoding of the skipped
- *      MCUs of those rows cannot be avoided in that case.
+ *      MCUs of those rows cannot be avoided by libjpeg; with a crop index in the file (_jpeg_index.c), our own
+ *      Huffman decoder skips them, and the MCUs beside the crop too.
  *   3. Resample the exact (fractional, after scaling) box to the output size with a separable filter:
  *      bicubic (a = -0.5, widened by the scale factor when shrinking, i.e. antialiased as PIL does) or area
  *      averaging; an optional horizontal flip is folded into the horizontal pass. Rows go from libjpeg to the
@@ -765,9 +766,8 @@ static int decode_region_unguarded(dm_thread *t, const dm_request *q) {
     int indexed = 0;
     if (!(q->flags & DM_LIBJPEG_HUFFMAN)) {
         int has_index = !(q->flags & DM_NO_INDEX) && dm_index_find(q->data, q->size, &index);
-        int own = dm_entropy_install(&t->entropy, cinfo, has_index ? &index : NULL, (int)xoffset,
-                                     crop_width < (JDIMENSION)scaled_w ? (int)crop_width : 0);
-        indexed = own && has_index && !cinfo->restart_interval;
+        indexed = dm_entropy_install(&t->entropy, cinfo, has_index ? &index : NULL, (int)xoffset,
+                                     crop_width < (JDIMENSION)scaled_w ? (int)crop_width : 0) == 2;
     }
     uint8_t *row = (uint8_t *)reserve(&t->scanline, (size_t)cinfo->output_width * 3 + 128);
     if (!row) return DM_ERR_NOMEM;

@@ -370,7 +370,7 @@ int dm_entropy_install(dm_entropy **entropy, j_decompress_ptr cinfo, const dm_in
     }
     cinfo->client_data = E;
     cinfo->entropy->decode_mcu = decode_mcu;
-    return 1;
+    return E->index ? 2 : 1;
 }
 
 /* ------------------------------------------------------------------------------------------------------ */

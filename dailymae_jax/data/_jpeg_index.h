@@ -39,8 +39,8 @@ int dm_index_find(const uint8_t *data, size_t size, dm_index *index);
  * row is read) for a single-scan baseline Huffman JPEG. With an index (may be NULL) and no restart markers, the
  * MCUs libjpeg will not use are never decoded: those beside the columns it outputs (output pixels
  * [xoffset, xoffset + width) at the DCT scale, as jpeg_crop_scanline set them; width 0: all columns) and those
- * it discards (rows jpeg_skip_scanlines skips). Returns 1 if installed, 0 if the file is one libjpeg must decode
- * itself. *entropy is allocated on first use; free it with free(). */
+ * it discards (rows jpeg_skip_scanlines skips). Returns 2 if installed with the index, 1 if installed without
+ * (none given, or one that does not fit the file), 0 if the file is one libjpeg must decode itself. *entropy is allocated on first use; free it with free(). */
 int dm_entropy_install(dm_entropy **entropy, j_decompress_ptr cinfo, const dm_index *index, int xoffset,
                        int width);
 
