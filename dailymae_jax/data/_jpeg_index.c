@@ -2,9 +2,9 @@
  *
  * The decoder replaces libjpeg's decode_mcu for single-scan baseline Huffman files and reads the data straight
  * from memory (no suspension): a 64-bit bit buffer refilled eight bytes at a time where no 0xFF byte intervenes,
- * and 9-bit lookup tables that also decode a whole AC coefficient (zero run, size and value) in one step when
- * code and value fit. On its own it runs at the speed of libjpeg-turbo's fast path (0.92-1.01x,
- * docs/PERFORMANCE.md); what it adds is the index: a position in the bit stream plus the DC predictors is all
+ * and 10-bit lookup tables that decode a whole symbol with its value bits in one step when both fit (a DC
+ * difference; an AC zero run and coefficient, sixteen zeros or the end of a block). docs/PERFORMANCE.md
+ * compares its speed with libjpeg-turbo's Huffman decoder; what it adds is the index: a position in the bit stream plus the DC predictors is all
  * the state a baseline Huffman decoder has, so decoding can start at any indexed MCU.
  *
  * Index segment (APP9), after the marker and its big-endian length:
@@ -37,13 +37,25 @@
 /* ------------------------------------------------------------------------------------------------------ */
 /* Huffman tables and bit reader                                                                            */
 
-#define FAST_BITS 9
+#ifndef FAST_BITS
+#define FAST_BITS 10
+#endif
 #define FAST_SIZE (1 << FAST_BITS)
 
+/* A fast-table entry decodes, from the next FAST_BITS bits, a whole symbol with its value bits when both fit:
+ *   bits 0-4 bits used (code and value), bits 5-11 zigzag positions to advance before storing (an AC symbol's
+ *   zero run; 15 for sixteen zeros, which then stores a harmless 0; 64 for end of block, which leaves the
+ *   block), bits 16-31 the signed value (DC: the difference to the predictor).
+ * FAST_SLOW marks everything else (a longer code, or value bits that do not fit), decoded by the slow path. */
+#define FAST_SLOW 0x8000
+#define FAST_USED(f) ((f) & 31)
+#define FAST_RUN(f) (((f) >> 5) & 127)
+#define FAST_VALUE(f) ((f) >> 16)
+#define END_OF_BLOCK_RUN 64
+
 typedef struct {
+    int32_t fast[FAST_SIZE];  /* see above */
     uint16_t look[FAST_SIZE]; /* (length << 8) | symbol for codes of at most FAST_BITS bits, else 0 */
-    int32_t coef[FAST_SIZE];  /* AC tables: a whole coefficient when code and value bits fit in the lookup:
-                               * (value << 8) | (zero run << 4) | bits used; 0 otherwise */
     int32_t maxcode[18];      /* largest code of each length, -1 if none; [17] is a sentinel */
     int32_t valoffset[17];    /* a code of length l is symbol values[code + valoffset[l]] */
     uint8_t values[256];
@@ -67,15 +79,20 @@ struct dm_entropy {
     long position, row, col;
     int col0, col1;
     huff_table tables[2 * NUM_HUFF_TBLS]; /* DC tables, then AC tables, by libjpeg table number */
-    JCOEF discard[DCTSIZE2 + 16];         /* coefficients nobody asked for */
+    JCOEF discard[DCTSIZE2];              /* coefficients nobody asked for */
 };
 
-/* Zigzag position -> natural (row-major) index; 16 extra entries keep a corrupt run inside the block. */
-static const uint8_t natural_order[DCTSIZE2 + 16] = {
+/* Zigzag position -> natural (row-major) index. Positions past 63 (an end of block's advance, or a corrupt
+ * run) land on 63: still zero when the block ends, and inside the block when the data is corrupt. */
+static const uint8_t natural_order[DCTSIZE2 + END_OF_BLOCK_RUN + 16] = {
     0,  1,  8,  16, 9,  2,  3,  10, 17, 24, 32, 25, 18, 11, 4,  5,  12, 19, 26, 33, 40, 48,
     41, 34, 27, 20, 13, 6,  7,  14, 21, 28, 35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23,
-    30, 37, 44, 51, 58, 59, 52, 45, 38, 31, 39, 46, 53, 60, 61, 54, 47, 55, 62, 63, 63, 63,
-    63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63};
+    30, 37, 44, 51, 58, 59, 52, 45, 38, 31, 39, 46, 53, 60, 61, 54, 47, 55, 62, 63,
+    [DCTSIZE2 ... DCTSIZE2 + END_OF_BLOCK_RUN + 15] = 63};
+
+/* The value of s bits v read from the stream (JPEG's "extend"): the upper half is positive, the lower half
+ * stands for negative values. */
+static inline int extend(int v, int s) { return v < (1 << (s - 1)) ? v - (1 << s) + 1 : v; }
 
 /* Lookup tables of one libjpeg Huffman table. Rebuilt only when the table differs from the one they were built
  * from (files written by one encoder share their tables). Returns 0 for a table no valid code fits. */
@@ -88,7 +105,7 @@ static int build_table(huff_table *T, const JHUFF_TBL *h, int ac) {
     memcpy(T->key, key, sizeof key);
     memcpy(T->values, h->huffval, 256);
     memset(T->look, 0, sizeof T->look);
-    memset(T->coef, 0, sizeof T->coef);
+    for (int i = 0; i < FAST_SIZE; i++) T->fast[i] = FAST_SLOW;
     int32_t code = 0, k = 0;
     for (int l = 1; l <= 16; l++) {
         int n = h->bits[l];
@@ -96,14 +113,15 @@ static int build_table(huff_table *T, const JHUFF_TBL *h, int ac) {
         T->valoffset[l] = k - code;
         for (int i = 0; i < n; i++, k++, code++) {
             if (l > FAST_BITS) continue;
-            int sym = h->huffval[k], shift = FAST_BITS - l, run = sym >> 4, size = sym & 15;
+            int sym = h->huffval[k], shift = FAST_BITS - l;
+            int run = ac ? sym >> 4 : 0, size = ac ? sym & 15 : sym;
+            if (ac && size == 0) run = run == 15 ? 15 : END_OF_BLOCK_RUN;
             for (int j = 0; j < (1 << shift); j++) {
                 int idx = (code << shift) | j;
                 T->look[idx] = (uint16_t)((l << 8) | sym);
-                if (ac && size && l + size <= FAST_BITS) {
-                    int v = j >> (shift - size);
-                    if (v < (1 << (size - 1))) v -= (1 << size) - 1;
-                    T->coef[idx] = v * 256 + (run << 4) + l + size;
+                if (size <= 15 && l + size <= FAST_BITS) {
+                    int v = size ? extend(j >> (shift - size), size) : 0;
+                    T->fast[idx] = (int32_t)((uint32_t)v << 16) | run << 5 | (l + size);
                 }
             }
         }
@@ -203,27 +221,31 @@ static boolean decode_blocks(j_decompress_ptr cinfo, dm_entropy *E, JBLOCKROW *M
         int length, s;
 
         if (B.nbits < 32) refill(&B);
-        SYMBOL(dc, B.bits, length, s);
-        if (s > 15) BAD_CODE();
-        B.bits <<= length;
-        int diff = 0;
-        if (s) {
-            diff = (int)(B.bits >> (64 - s));
-            if (diff < (1 << (s - 1))) diff -= (1 << s) - 1;
+        int32_t f = dc->fast[B.bits >> (64 - FAST_BITS)];
+        int diff;
+        if (__builtin_expect(!(f & FAST_SLOW), 1)) {
+            diff = FAST_VALUE(f);
+            B.bits <<= FAST_USED(f);
+            B.nbits -= FAST_USED(f);
+        } else {
+            SYMBOL(dc, B.bits, length, s);
+            if (s > 15) BAD_CODE();
+            B.bits <<= length;
+            diff = s ? extend((int)(B.bits >> (64 - s)), s) : 0;
             B.bits <<= s;
+            B.nbits -= length + s;
         }
-        B.nbits -= length + s;
         E->last_dc[ci] += diff;
         block[0] = (JCOEF)E->last_dc[ci];
 
         for (int k = 1; k < DCTSIZE2; k++) {
             if (B.nbits < 32) refill(&B);
-            const int32_t f = ac->coef[B.bits >> (64 - FAST_BITS)];
-            if (f) { /* code and value in one lookup */
-                k += (f >> 4) & 15;
-                block[natural_order[k]] = (JCOEF)(f >> 8);
-                B.bits <<= f & 15;
-                B.nbits -= f & 15;
+            f = ac->fast[B.bits >> (64 - FAST_BITS)];
+            if (__builtin_expect(!(f & FAST_SLOW), 1)) { /* symbol and value in one lookup */
+                k += FAST_RUN(f);
+                block[natural_order[k]] = (JCOEF)FAST_VALUE(f);
+                B.bits <<= FAST_USED(f);
+                B.nbits -= FAST_USED(f);
                 continue;
             }
             SYMBOL(ac, B.bits, length, s);
@@ -232,9 +254,7 @@ static boolean decode_blocks(j_decompress_ptr cinfo, dm_entropy *E, JBLOCKROW *M
             B.bits <<= length;
             if (s) {
                 k += run;
-                int v = (int)(B.bits >> (64 - s));
-                if (v < (1 << (s - 1))) v -= (1 << s) - 1;
-                block[natural_order[k]] = (JCOEF)v;
+                block[natural_order[k]] = (JCOEF)extend((int)(B.bits >> (64 - s)), s);
                 B.bits <<= s;
             } else if (run == 15) {
                 k += 15; /* sixteen zeros */
