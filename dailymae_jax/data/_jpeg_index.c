@@ -4,8 +4,9 @@
  * from memory (no suspension): a 64-bit bit buffer refilled eight bytes at a time where no 0xFF byte intervenes,
  * and 10-bit lookup tables that decode a whole symbol with its value bits in one step when both fit (a DC
  * difference; an AC zero run and coefficient, sixteen zeros or the end of a block). docs/PERFORMANCE.md
- * compares its speed with libjpeg-turbo's Huffman decoder; what it adds is the index: a position in the bit stream plus the DC predictors is all
- * the state a baseline Huffman decoder has, so decoding can start at any indexed MCU.
+ * compares its speed with libjpeg-turbo's Huffman decoder. What it adds is the index: a position in the bit
+ * stream plus the DC predictors is all the state a baseline Huffman decoder has, so decoding can start at any
+ * indexed MCU.
  *
  * Index segment (APP9), after the marker and its big-endian length:
  *   "DMJXIDX1"  u16 step  u16 mcus_x  u16 mcus_y  u8 ncomp  u8 entry_bytes  u32 scan_bytes     (little-endian)
