@@ -6,6 +6,8 @@ For the first --images JPEG records and one RandomResizedCrop box each (--scale/
 loader draws), it times these stages per image (thread CPU time, median over --rounds interleaved rounds):
 
   crop                     decode_crop as the loader runs it: partial decode, then resampling
+  crop_rgb_rows            the same, resampling libjpeg's RGB rows (interpolated chroma) where the kernel would
+                           resample YCbCr planes (4:2:0 at DCT scale 1/1)
   crop_no_index            the same, ignoring the file's crop index (our Huffman decoder from the top down)
   crop_libjpeg_huffman     the same with libjpeg's own Huffman decoder (what the kernel did before the index)
   crop_decode_only         the same call stopped before resampling
@@ -15,7 +17,7 @@ loader draws), it times these stages per image (thread CPU time, median over --r
                            DCT scale, no splicing, libjpeg's Huffman decoder): what libjpeg cannot skip in a
                            file without restart markers or crop index
   entropy_whole_file       the same down to the image's last row
-  full_decode              the whole image at full scale, no resampling
+  full_decode              the whole image at full scale to RGB rows (libjpeg's own decode), no resampling
   bound_decode             decoding a JPEG of the crop already at R x R (same quality and chroma subsampling,
                            encoded by PIL): the per-image work of bench_loader's `bound`
 
@@ -39,8 +41,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-STAGES = ("crop", "crop_no_index", "crop_libjpeg_huffman", "crop_decode_only", "resample_only", "entropy_to_crop_bottom", "entropy_whole_file",
-          "full_decode", "bound_decode")
+STAGES = ("crop", "crop_rgb_rows", "crop_no_index", "crop_libjpeg_huffman", "crop_decode_only", "resample_only",
+          "entropy_to_crop_bottom", "entropy_whole_file", "full_decode", "bound_decode")
 
 
 def jpeg_records(beton: str, count: int) -> list[np.ndarray]:
@@ -93,13 +95,16 @@ def measure(records: list[np.ndarray], res: int, rounds: int, scale, ratio, seed
 
     out = np.empty((res, res, 3), np.uint8)
     tiny = np.empty((1, 1, 3), np.uint8)
-    only, whole = jpeg_crop.DECODE_ONLY, jpeg_crop.DECODE_ONLY | jpeg_crop.NO_DCT_SCALING
+    only = jpeg_crop.DECODE_ONLY
+    whole = jpeg_crop.DECODE_ONLY | jpeg_crop.NO_DCT_SCALING | jpeg_crop.RGB_ROWS  # libjpeg's full RGB decode
     entropy = whole | jpeg_crop.NO_SPLICE | jpeg_crop.NO_INDEX | jpeg_crop.LIBJPEG_HUFFMAN
     no_index, libjpeg = jpeg_crop.NO_INDEX, jpeg_crop.NO_INDEX | jpeg_crop.LIBJPEG_HUFFMAN
 
     checked = jpeg_crop.check_result
     calls = {
         "crop": (lambda d, b: checked(jpeg_crop.decode_into(d, *b, out, 0)), list(zip(records, boxes))),
+        "crop_rgb_rows": (lambda d, b: checked(jpeg_crop.decode_into(d, *b, out, jpeg_crop.RGB_ROWS)),
+                          list(zip(records, boxes))),
         "crop_no_index": (lambda d, b: checked(jpeg_crop.decode_into(d, *b, out, no_index)),
                           list(zip(records, boxes))),
         "crop_libjpeg_huffman": (lambda d, b: checked(jpeg_crop.decode_into(d, *b, out, libjpeg)),

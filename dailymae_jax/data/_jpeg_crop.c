@@ -14,7 +14,10 @@
  *   3. Resample the exact (fractional, after scaling) box to the output size with a separable filter:
  *      bicubic (a = -0.5, widened by the scale factor when shrinking, i.e. antialiased as PIL does) or area
  *      averaging; an optional horizontal flip is folded into the horizontal pass. Rows go from libjpeg to the
- *      vertical filter as they are decoded: the crop never exists as a whole image.
+ *      vertical filter as they are decoded: the crop never exists as a whole image. Where chroma is subsampled
+ *      at the chosen DCT scale (4:2:0 at 1/1), the rows are planar YCbCr straight from libjpeg's component
+ *      buffers: chroma is resampled from its own samples (no interpolated upsampling first), and only the
+ *      output pixels are converted to RGB.
  *
  * Everything a call needs lives in per-thread state (a reusable libjpeg decompressor and scratch buffers of a
  * few rows of the crop), so the functions are re-entrant and can run from numba's prange threads without
@@ -40,6 +43,7 @@
 
 #include <jpeglib.h>
 #include <jerror.h>
+#include <jpegint.h> /* struct jpeg_color_deconverter: its color_convert is replaced for planar rows */
 
 #include "_jpeg_index.h"
 
@@ -58,6 +62,8 @@
 #define DM_DECODE_ONLY 64        /* stop before resampling (profiling only: dst is left untouched) */
 #define DM_LIBJPEG_HUFFMAN 128   /* libjpeg's own Huffman decoder instead of ours (tests, benchmarks) */
 #define DM_NO_INDEX 256          /* ignore a crop index in the file (tests, benchmarks) */
+#define DM_RGB_ROWS 512          /* resample libjpeg's RGB rows (fancy chroma upsampling) instead of the YCbCr
+                                  * planes (tests, benchmarks) */
 
 /* info[] slots filled by dm_decode_crop when info is not NULL */
 #define DM_INFO_DENOM 0          /* DCT scale denominator used */
@@ -65,7 +71,8 @@
 #define DM_INFO_ROWS 2           /* rows of the decoded region (at the DCT scale) */
 #define DM_INFO_COLS 3           /* columns decoded (MCU-aligned, at the DCT scale) */
 #define DM_INFO_INDEXED 4        /* 1 if a crop index let the Huffman decoder skip what the crop does not need */
-#define DM_INFO_LEN 5
+#define DM_INFO_PLANAR 5         /* 1 if YCbCr planes were resampled (chroma at its own resolution), not RGB rows */
+#define DM_INFO_LEN 6
 
 #define DM_MAX_SIDE 65500
 #define MSG_LEN 200
@@ -84,8 +91,18 @@ typedef struct {
     size_t size;
 } dm_buffer;
 
+/* Planar YCbCr rows: the region's luma samples, then its Cb and its Cr samples at their own (subsampled)
+ * resolution, read straight from libjpeg's component rows, which our colour "converter" (take_planes) hands
+ * over instead of converting them. */
 typedef struct {
-    struct jpeg_decompress_struct cinfo;
+    int expand;                    /* pixels per chroma sample along a row: 2 for 4:2:0, 1 for 4:4:4 */
+    int luma_first, luma_cols;     /* region columns in libjpeg's (cropped) output row */
+    int chroma_first, chroma_cols; /* the chroma samples they need, in chroma samples */
+    const uint8_t *rows[3];        /* the current row of each component (box-upsampled chroma) */
+} dm_planes;
+
+typedef struct {
+    struct jpeg_decompress_struct cinfo; /* first member: take_planes finds its dm_thread from it */
     dm_error_mgr err;
     int cinfo_ready;
     char message[MSG_LEN];
@@ -98,6 +115,7 @@ typedef struct {
     dm_buffer outputs;     /* horizontal sums, 8 rows per vector (resampler) */
     dm_buffer bytes;       /* rounded outputs before the transpose into rows (resampler) */
     dm_entropy *entropy;   /* our Huffman decoder (_jpeg_index.c), allocated on first use */
+    dm_planes planes;      /* the current decode's planar rows, if it uses them */
 } dm_thread;
 
 static pthread_key_t thread_key;
@@ -491,6 +509,24 @@ static inline void widen_row(const uint8_t *restrict src, int n, float *restrict
     for (int x = n; x & (8 * CHUNK - 1); x++) dst[x] = 0.0f;
 }
 
+/* The current planar row (luma, Cb, Cr; one chroma sample per `expand` pixels of libjpeg's box-upsampled
+ * rows) -> floats, zero-padded to pad_chunk(). */
+static inline __attribute__((always_inline)) void widen_planes(const dm_planes *P, float *restrict dst) {
+    const uint8_t *restrict y = P->rows[0] + P->luma_first;
+    const int n = P->luma_cols + 2 * P->chroma_cols;
+    for (int x = 0; x < P->luma_cols; x++) dst[x] = (float)y[x];
+    float *restrict d = dst + P->luma_cols;
+    for (int c = 1; c < 3; c++, d += P->chroma_cols) {
+        const uint8_t *restrict in = P->rows[c] + (size_t)P->chroma_first * P->expand;
+        if (P->expand == 2) {
+            for (int i = 0; i < P->chroma_cols; i++) d[i] = (float)in[2 * i];
+        } else {
+            for (int i = 0; i < P->chroma_cols; i++) d[i] = (float)in[(size_t)i * P->expand];
+        }
+    }
+    for (int x = n; x & (8 * CHUNK - 1); x++) dst[x] = 0.0f;
+}
+
 /* Round and clamp n floats to bytes. */
 static inline void narrow_row(const float *restrict src, int n, uint8_t *restrict dst) {
     for (int x = 0; x < n; x++) {
@@ -583,8 +619,37 @@ static inline void scatter_rows(const uint8_t *src, int count, uint8_t *dst, ptr
         for (int r = 0; r < n; r++) dst[(ptrdiff_t)r * dst_stride + x] = src[8 * x + r];
 }
 
+/* Horizontal sums of planar YCbCr columns (cols luma values, then ccols Cb and ccols Cr values, each holding a
+ * group's 8 rows), converted to RGB (JFIF's YCbCr) for each output column. */
+static inline __attribute__((always_inline)) void horizontal_planar(const dm_kernel *luma, const dm_kernel *chroma,
+                                                                    const float *columns, int cols, int ccols,
+                                                                    float *outputs, int out_w, int flip) {
+    const float *cb_columns = columns + (size_t)cols * GROUP, *cr_columns = cb_columns + (size_t)ccols * GROUP;
+    for (int j = 0; j < out_w; j++) {
+        const float *wy = luma->weight + (size_t)j * luma->taps;
+        const float *py = columns + (size_t)luma->first[j] * GROUP;
+        v8f y = wy[0] * *(const v8f *)py;
+        for (int k = 1; k < luma->count[j]; k++) y += wy[k] * *(const v8f *)(py + (size_t)k * GROUP);
+        const float *wc = chroma->weight + (size_t)j * chroma->taps;
+        const size_t c0 = (size_t)chroma->first[j] * GROUP;
+        v8f cb = wc[0] * *(const v8f *)(cb_columns + c0), cr = wc[0] * *(const v8f *)(cr_columns + c0);
+        for (int k = 1; k < chroma->count[j]; k++) {
+            cb += wc[k] * *(const v8f *)(cb_columns + c0 + (size_t)k * GROUP);
+            cr += wc[k] * *(const v8f *)(cr_columns + c0 + (size_t)k * GROUP);
+        }
+        cb -= 128.0f;
+        cr -= 128.0f;
+        float *o = outputs + (size_t)3 * (flip ? out_w - 1 - j : j) * GROUP;
+        *(v8f *)o = y + 1.402f * cr;
+        *(v8f *)(o + 8) = y - 0.344136f * cb - 0.714136f * cr;
+        *(v8f *)(o + 16) = y + 1.772f * cb;
+    }
+}
+
 /* Resample the box [x0, x1) x [y0, y1) of an RGB region (rows x cols pixels, its rows coming from `src`) to
- * out_h x out_w into dst (contiguous), GROUP output rows at a time:
+ * out_h x out_w into dst (contiguous). With `planes`, the rows are planar YCbCr (cols luma samples, then the
+ * Cb and the Cr samples of chroma columns whose box is [cx0, cx1)): each plane has its own horizontal filter,
+ * and the conversion to RGB happens on the output pixels. GROUP output rows at a time:
  *   1. vertical filter: each output row of the group is a weighted sum of widened input rows (a ring that only
  *      moves forward, so that every input row is read and widened once); 8 x 8 blocks of the sums are
  *      transposed in registers, so that each of the region's values (column, channel) holds the group's 8
@@ -594,18 +659,23 @@ static inline void scatter_rows(const uint8_t *src, int count, uint8_t *dst, ptr
  *   3. rounding to bytes and an 8 x 8 byte transpose back into the group's rows of dst. */
 __attribute__((target_clones("arch=x86-64-v3", "default")))
 static int resample(dm_thread *t, dm_rows *src, int rows, int cols, double y0, double y1, double x0, double x1,
-                    uint8_t *dst, int out_h, int out_w, int flags) {
+                    const dm_planes *planes, double cx0, double cx1, uint8_t *dst, int out_h, int out_w,
+                    int flags) {
     int area = (flags & DM_FILTER_AREA) != 0;
+    const int ccols = planes ? planes->chroma_cols : 1;
     int taps_v = kernel_taps(rows, y0, y1, out_h, area), taps_h = kernel_taps(cols, x0, x1, out_w, area);
+    int taps_c = kernel_taps(ccols, cx0, cx1, out_w, area);
     size_t kv = kernel_bytes(out_h, taps_v), kh = kernel_bytes(out_w, taps_h);
-    uint8_t *kmem = (uint8_t *)reserve(&t->kernels, kv + kh + (size_t)GROUP * taps_v * (sizeof(float *) + sizeof(float))
-                                                    + 128);
+    size_t kc = planes ? kernel_bytes(out_w, taps_c) : 0;
+    uint8_t *kmem = (uint8_t *)reserve(&t->kernels, kv + kh + kc +
+                                                    (size_t)GROUP * taps_v * (sizeof(float *) + sizeof(float)) + 128);
     if (!kmem) return DM_ERR_NOMEM;
-    const float **taps_at = (const float **)align64(kmem + kv + kh);  /* [tap][row of group]: ring row */
-    float *group_w = (float *)(taps_at + (size_t)GROUP * taps_v);       /* [tap][row of group]: weight */
-    dm_kernel vertical, horizontal;
+    const float **taps_at = (const float **)align64(kmem + kv + kh + kc); /* [tap][row of group]: ring row */
+    float *group_w = (float *)(taps_at + (size_t)GROUP * taps_v);         /* [tap][row of group]: weight */
+    dm_kernel vertical, horizontal, chroma;
     build_kernel(&vertical, kmem, rows, y0, y1, out_h, area);
     build_kernel(&horizontal, kmem + kv, cols, x0, x1, out_w, area);
+    if (planes) build_kernel(&chroma, kmem + kv + kh, ccols, cx0, cx1, out_w, area);
     /* The ring holds every input row one group of output rows needs. */
     int ring_rows = 1;
     for (int i0 = 0; i0 < out_h; i0 += GROUP) {
@@ -613,7 +683,8 @@ static int resample(dm_thread *t, dm_rows *src, int rows, int cols, double y0, d
         int span = vertical.first[last] + vertical.count[last] - vertical.first[i0];
         if (span > ring_rows) ring_rows = span;
     }
-    const size_t n1 = (size_t)3 * cols, width = pad_chunk(n1), n2 = (size_t)3 * out_w;
+    const size_t n1 = planes ? (size_t)cols + 2 * (size_t)ccols : (size_t)3 * cols;  /* values per input row */
+    const size_t width = pad_chunk(n1), n2 = (size_t)3 * out_w;
     float *ring = (float *)reserve(&t->ring, (size_t)ring_rows * width * sizeof(float) + 64);
     float *columns = (float *)reserve(&t->columns, (width + 8) * GROUP * sizeof(float) + 64);   /* (x, 8 rows) */
     float *outputs = (float *)reserve(&t->outputs, (n2 + 8) * GROUP * sizeof(float) + 64);
@@ -630,7 +701,15 @@ static int resample(dm_thread *t, dm_rows *src, int rows, int cols, double y0, d
         /* Rows of this group's window that have not been read yet. */
         for (; next < vertical.first[i0]; next++) src->next(src);
         for (; next < vertical.first[last] + vertical.count[last]; next++)
-            widen_row(src->next(src), (int)n1, ring + (size_t)(next % ring_rows) * width);
+        {
+            const uint8_t *row = src->next(src);
+            float *to = ring + (size_t)(next % ring_rows) * width;
+            if (planes) {
+                widen_planes(planes, to);
+            } else {
+                widen_row(row, (int)n1, to);
+            }
+        }
         /* 1. Vertical sums, transposed to (x, row) vectors. Missing rows of a last, partial group repeat its
          * last row. */
         /* Every row of the group gets the group's largest tap count, padded with zero weights on a valid row,
@@ -673,6 +752,12 @@ static int resample(dm_thread *t, dm_rows *src, int rows, int cols, double y0, d
         }
         /* 2. Horizontal sums: output (column j, channel c) from region columns first..first+count-1. */
         const int flip = (flags & DM_FLIP) != 0;
+        if (planes) {
+            horizontal_planar(&horizontal, &chroma, columns, cols, ccols, outputs, out_w, flip);
+            narrow_row(outputs, (int)(n2 * GROUP), bytes);
+            scatter_rows(bytes, (int)n2, dst + (size_t)i0 * n2, (ptrdiff_t)n2, n);
+            continue;
+        }
         for (int j = 0; j < out_w; j++) {
             const float *wj = horizontal.weight + (size_t)j * horizontal.taps;
             const float *base = columns + (size_t)3 * horizontal.first[j] * GROUP;
@@ -730,6 +815,43 @@ typedef struct {
     int32_t *info;
 } dm_request;
 
+/* libjpeg's colour converter, replaced: instead of converting upsampled YCbCr to RGB, it keeps pointers to the
+ * component rows (valid until libjpeg produces the next row), which the resampler widens right away. libjpeg's
+ * own row skipping swaps it for a no-op while it discards rows, and puts it back. Rows are read one at a time. */
+static void take_planes(j_decompress_ptr cinfo, JSAMPIMAGE input_buf, JDIMENSION input_row, JSAMPARRAY output_buf,
+                        int num_rows) {
+    (void)output_buf;
+    (void)num_rows;
+    dm_planes *P = &((dm_thread *)((char *)cinfo - offsetof(dm_thread, cinfo)))->planes;
+    for (int c = 0; c < 3; c++) P->rows[c] = input_buf[c][input_row];
+}
+
+#if JPEG_LIB_VERSION >= 70
+#define DCT_SIZE_OF(c) ((c)->DCT_h_scaled_size)
+#define MIN_DCT_SIZE_OF(cinfo) ((cinfo)->min_DCT_h_scaled_size)
+#else
+#define DCT_SIZE_OF(c) ((c)->DCT_scaled_size)
+#define MIN_DCT_SIZE_OF(cinfo) ((cinfo)->min_DCT_scaled_size)
+#endif
+
+/* Pixels per chroma sample along a row (libjpeg's horizontal upsampling factor) if the image is YCbCr whose
+ * rows are worth resampling as planes: full-resolution luma, Cb and Cr alike, subsampled by an integral
+ * factor. 0 otherwise, and for chroma at full resolution (4:4:4, or 4:2:0 at a reduced DCT scale, where libjpeg
+ * scales chroma up in the IDCT): there the planes save the resampler nothing, and libjpeg's SIMD colour
+ * conversion beats converting on the output (measured: 0.90x on 4:4:4 at 224 px). Needs the output dimensions
+ * (jpeg_calc_output_dimensions). */
+static int planar_expand(const struct jpeg_decompress_struct *cinfo) {
+    if (cinfo->jpeg_color_space != JCS_YCbCr || cinfo->num_components != 3) return 0;
+    int expand[3];
+    for (int c = 0; c < 3; c++) {
+        const jpeg_component_info *comp = &cinfo->comp_info[c];
+        int in_group = comp->h_samp_factor * DCT_SIZE_OF(comp) / MIN_DCT_SIZE_OF(cinfo);
+        if (in_group < 1 || cinfo->max_h_samp_factor % in_group) return 0;
+        expand[c] = cinfo->max_h_samp_factor / in_group;
+    }
+    return expand[0] == 1 && expand[1] == expand[2] && expand[1] >= 2 && expand[1] <= 4 ? expand[1] : 0;
+}
+
 /* libjpeg part of dm_decode_crop, resampling included (rows are decoded as the resampler asks for them);
  * libjpeg errors longjmp to decode_region. */
 static int decode_region_unguarded(dm_thread *t, const dm_request *q) {
@@ -744,6 +866,18 @@ static int decode_region_unguarded(dm_thread *t, const dm_request *q) {
     cinfo->scale_denom = (unsigned)d;
     cinfo->dct_method = (q->flags & DM_FAST_IDCT) ? JDCT_IFAST : JDCT_ISLOW;
     cinfo->do_fancy_upsampling = (q->flags & DM_FAST_UPSAMPLING) ? FALSE : TRUE;
+    /* YCbCr images are resampled as planes, chroma at its own resolution: libjpeg neither interpolates chroma
+     * (box upsampling, whose rows take_planes hands to the resampler) nor converts colours; the resampler does less
+     * work on subsampled chroma and converts only the output's pixels. */
+    int expand = 0;
+    if (!(q->flags & DM_RGB_ROWS)) {
+        jpeg_calc_output_dimensions(cinfo);
+        expand = planar_expand(cinfo);
+    }
+    if (expand) {
+        cinfo->out_color_space = JCS_YCbCr;
+        cinfo->do_fancy_upsampling = FALSE;
+    }
     jpeg_start_decompress(cinfo);
 
     /* The box at the DCT scale, and the whole rows/columns that contain it. */
@@ -753,7 +887,8 @@ static int decode_region_unguarded(dm_thread *t, const dm_request *q) {
     if (y1 > scaled_h) y1 = scaled_h;
     if (x1 > scaled_w) x1 = scaled_w;
     JDIMENSION xoffset = 0, crop_width = (JDIMENSION)scaled_w;
-    int m = (context_margin(d) + d - 1) / d;  /* columns of context on each side, at the DCT scale */
+    /* columns of context on each side, at the DCT scale (none without chroma interpolation) */
+    int m = expand ? 0 : (context_margin(d) + d - 1) / d;
     int cx0 = x0 > m ? x0 - m : 0, cx1 = x1 + m < scaled_w ? x1 + m : scaled_w;
     if (cx0 > 0 || cx1 < scaled_w) {
         xoffset = (JDIMENSION)cx0;
@@ -776,21 +911,37 @@ static int decode_region_unguarded(dm_thread *t, const dm_request *q) {
      * (measured: about half of the resampling time). A row 16 bytes past such a boundary takes the regular
      * stores and stays in L1. */
     row = (uint8_t *)align64(row) + 16;
+    /* The box in the columns of the (cropped) output row, and in chroma samples for planar rows. */
+    const double bx0 = (double)q->left / d - (double)xoffset, bx1 = (double)(q->left + q->w) / d - (double)xoffset;
+    dm_planes *planes = NULL;
+    double chroma_x0 = 0.0, chroma_x1 = 0.0;
+    if (expand) {
+        planes = &t->planes;
+        planes->expand = expand;
+        planes->luma_first = x0 - (int)xoffset;
+        planes->luma_cols = x1 - x0;
+        planes->chroma_first = planes->luma_first / expand;
+        planes->chroma_cols = (x1 - (int)xoffset + expand - 1) / expand - planes->chroma_first;
+        chroma_x0 = bx0 / expand - planes->chroma_first;
+        chroma_x1 = bx1 / expand - planes->chroma_first;
+        cinfo->cconvert->color_convert = take_planes;
+    }
     if (y0 > 0) jpeg_skip_scanlines(cinfo, (JDIMENSION)y0);
     if (q->info) {
         q->info[DM_INFO_DENOM] = d;
         q->info[DM_INFO_ROWS] = y1 - y0;
         q->info[DM_INFO_COLS] = (int32_t)crop_width;
         q->info[DM_INFO_INDEXED] = indexed;
+        q->info[DM_INFO_PLANAR] = expand != 0;
     }
-    dm_rows src = {next_jpeg_row, NULL, 0, 0, cinfo, row, (size_t)(x0 - (int)xoffset) * 3};
+    dm_rows src = {next_jpeg_row, NULL, 0, 0, cinfo, row, expand ? 0 : (size_t)(x0 - (int)xoffset) * 3};
     if (q->flags & DM_DECODE_ONLY) {
         for (int r = y0; r < y1; r++) src.next(&src);
         return DM_OK;
     }
     return resample(t, &src, y1 - y0, x1 - x0, (double)q->top / d - y0, (double)(q->top + q->h) / d - y0,
-                    (double)q->left / d - x0, (double)(q->left + q->w) / d - x0, q->dst, q->out_h, q->out_w,
-                    q->flags);
+                    bx0 - (x0 - (int)xoffset), bx1 - (x0 - (int)xoffset), planes, chroma_x0, chroma_x1, q->dst, q->out_h,
+                    q->out_w, q->flags);
 }
 
 static int decode_region(dm_thread *t, const dm_request *q) {
@@ -835,7 +986,7 @@ int dm_resize_crop(const uint8_t *src, int32_t height, int32_t width, int32_t to
     if (!rc) rc = check_box(t, top, left, h, w, height, width);
     if (rc) return rc;
     dm_rows rows = {next_memory_row, src + ((size_t)top * width + left) * 3, (ptrdiff_t)width * 3, 0, NULL, NULL, 0};
-    return resample(t, &rows, h, w, 0.0, h, 0.0, w, dst, out_h, out_w, flags);
+    return resample(t, &rows, h, w, 0.0, h, 0.0, w, NULL, 0.0, 0.0, dst, out_h, out_w, flags);
 }
 
 /* The calling thread's message for its last failed call. */

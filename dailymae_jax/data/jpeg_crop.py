@@ -28,9 +28,10 @@ FAST_IDCT = 32
 DECODE_ONLY = 64  # profiling (tools/bench_decode.py): stop before resampling, destination left untouched
 LIBJPEG_HUFFMAN = 128  # libjpeg's own Huffman decoder instead of ours (tests and benchmarks)
 NO_INDEX = 256  # ignore a crop index in the file (tests and benchmarks)
+RGB_ROWS = 512  # resample libjpeg's RGB rows even where YCbCr planes would be used (tests and benchmarks)
 
-# decode_crop's ``info``: DCT denominator, spliced (0/1), rows and columns decoded, indexed (0/1).
-INFO_SIZE = 5
+# decode_crop's ``info``: DCT denominator, spliced (0/1), rows and columns decoded, indexed (0/1), planar (0/1).
+INFO_SIZE = 6
 # MCUs between crop-index entries inside an MCU row (see add_crop_index).
 DEFAULT_INDEX_STEP = 4
 
@@ -145,8 +146,10 @@ def decode_crop(jpeg_bytes: bytes | np.ndarray, box: tuple[int, int, int, int], 
     The loaders run exactly this code. ``interpolation`` is ``'bicubic'`` (random crops) or ``'area'`` (centre
     crops); ``flip`` mirrors the output left-right. ``flags`` adds the kernel's switches (e.g. ``NO_DCT_SCALING``,
     for tests and benchmarks). With ``info`` (int32, ``INFO_SIZE``), the kernel reports the DCT denominator used,
-    whether restart intervals were spliced, the rows and columns it decoded, and whether a crop index let it
-    skip the Huffman decoding of what the crop does not need. Raises ValueError naming the problem
+    whether restart intervals were spliced, the rows and columns it decoded, whether a crop index let it
+    skip the Huffman decoding of what the crop does not need, and whether it resampled YCbCr planes (chroma
+    from its own subsampled samples; otherwise RGB rows after libjpeg's chroma interpolation, as PIL decodes
+    them). Raises ValueError naming the problem
     for a box outside the image or bytes libjpeg cannot decode.
     """
     top, left, height, width, out_h, out_w = _check_geometry(box, out_size)

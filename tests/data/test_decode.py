@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from dailymae_jax.data import decode_crop
-from dailymae_jax.data.jpeg_crop import (INFO_SIZE, LIBJPEG_HUFFMAN, NO_DCT_SCALING, NO_INDEX, NO_SPLICE,
+from dailymae_jax.data.jpeg_crop import (INFO_SIZE, LIBJPEG_HUFFMAN, NO_DCT_SCALING, NO_INDEX, NO_SPLICE, RGB_ROWS,
                                          add_crop_index, dct_scale_denominator, resize_crop)
 
 OUT_SIDES = (96, 256)
@@ -217,6 +217,33 @@ def test_dct_scaling_and_splicing_change_little(photos):
     # Splicing alone changes pixels only through chroma upsampling at the crop's edges.
     exact_scale = decode_crop(data, box, out, flags=NO_DCT_SCALING)
     assert _psnr(exact_scale, slow) >= 40
+
+
+def test_subsampled_chroma_is_resampled_from_its_own_planes(photos):
+    # Where chroma is subsampled at the DCT scale used (4:2:0 at 1/1), the kernel resamples YCbCr planes: chroma
+    # from its own samples instead of libjpeg's interpolated RGB rows. Everything else takes RGB rows. Both
+    # must stay close to each other (and to PIL: test_bicubic_crops_match_pil), flips included.
+    rgb = photos[0]
+    data420, data444, gray = _encode(rgb, "420"), _encode(rgb, "444"), _grayscale_jpeg(rgb)
+    info = np.zeros(INFO_SIZE, np.int32)
+    rng = np.random.default_rng(11)
+    planar_seen = 0
+    for (top, left, h, w), out in _random_boxes(rng, *rgb.shape[:2], count=20):
+        box = (top, left, h, w)
+        flip = bool(rng.integers(2))
+        planes = decode_crop(data420, box, out, flip, info=info)
+        assert info[5] == (info[0] == 1), (box, out, info)
+        planar_seen += int(info[5])
+        rows = decode_crop(data420, box, out, flip, flags=RGB_ROWS, info=info)
+        assert info[5] == 0
+        assert _psnr(planes, rows) >= 44, (box, out, _psnr(planes, rows))  # measured: 49 dB at least
+        np.testing.assert_array_equal(decode_crop(data420, box, out, not flip), planes[:, ::-1])
+        for other in (data444, gray):
+            decode_crop(other, box, out, info=info)
+            assert info[5] == 0
+    assert planar_seen >= 10
+    decode_crop(data420, (0, 0, 375, 500), (96, 96), info=info)  # DCT scale 1/2: chroma at full resolution
+    assert info[0] == 2 and info[5] == 0
 
 
 def test_raw_pixels_take_the_same_resampler(photos):
