@@ -479,10 +479,13 @@ static size_t bit_position(const dm_entropy *E, int *bit) {
 
 /* Decode every MCU of the scan and record the entries. Returns the payload size, 0 if the file gets no index,
  * -1 on corrupt data (through longjmp). */
-static long build_entries(j_decompress_ptr cinfo, dm_entropy **entropy, int step, uint8_t *payload, size_t scan_bytes) {
-    if (step < 1) step = 1;
+static long build_entries(j_decompress_ptr cinfo, dm_entropy **entropy, int spacing, uint8_t *payload,
+                          size_t scan_bytes) {
     jpeg_start_decompress(cinfo);
     if (cinfo->restart_interval || !dm_entropy_install(entropy, cinfo, NULL, 0, 0)) return 0;
+    /* An MCU is 8 pixels wide per horizontal sampling unit (16 for 4:2:0), 8 in a single-component scan. */
+    const int mcu_pixels = DCTSIZE * (cinfo->comps_in_scan == 1 ? 1 : cinfo->max_h_samp_factor);
+    int step = spacing / mcu_pixels > 1 ? spacing / mcu_pixels : 1;
     dm_entropy *E = *entropy;
     const long mcus_x = (long)cinfo->MCUs_per_row, mcus_y = (long)cinfo->total_iMCU_rows;
     const int ncomp = cinfo->comps_in_scan, entry_bytes = 4 + 2 * ncomp;
@@ -520,7 +523,7 @@ static long build_entries(j_decompress_ptr cinfo, dm_entropy **entropy, int step
     return INDEX_HEADER + mcus_y * per_row * entry_bytes;
 }
 
-int64_t dm_index_add(const uint8_t *src, uint64_t size, int32_t step, uint8_t *dst, uint64_t cap, char *message,
+int64_t dm_index_add(const uint8_t *src, uint64_t size, int32_t spacing, uint8_t *dst, uint64_t cap, char *message,
                      int32_t message_len) {
     size_t found, found_len;
     size_t scan_start = walk_header(src, size, &found, &found_len);
@@ -550,7 +553,7 @@ int64_t dm_index_add(const uint8_t *src, uint64_t size, int32_t step, uint8_t *d
     } else {
         jpeg_mem_src(&cinfo, src, (unsigned long)size);
         jpeg_read_header(&cinfo, TRUE);
-        long len = scan_start ? build_entries(&cinfo, &entropy, step, payload, size - scan_start) : 0;
+        long len = scan_start ? build_entries(&cinfo, &entropy, spacing, payload, size - scan_start) : 0;
         if (len > 0) {
             memcpy(dst, src, insert);
             dst[insert] = 0xFF;

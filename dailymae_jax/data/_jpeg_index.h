@@ -44,11 +44,11 @@ int dm_index_find(const uint8_t *data, size_t size, dm_index *index);
 int dm_entropy_install(dm_entropy **entropy, j_decompress_ptr cinfo, const dm_index *index, int xoffset,
                        int width);
 
-/* Copy of the JPEG `src` with a crop index (an entry every `step` MCUs of a row; a larger step where the index
- * would not fit one segment) into dst (capacity cap; size + 65540 is always enough). Returns the new size; 0 if
+/* Copy of the JPEG `src` with a crop index (an entry every `spacing` pixels of an MCU row, rounded down to whole
+ * MCUs, at least one; more where the index would not fit one segment) into dst (capacity cap; size + 65540 is always enough). Returns the new size; 0 if
  * the file gets no index (progressive, restart markers, arithmetic coding, or already indexed: dst untouched);
  * or -1 if the JPEG is invalid, with a message in `message` (message_len bytes). */
-int64_t dm_index_add(const uint8_t *src, uint64_t size, int32_t step, uint8_t *dst, uint64_t cap, char *message,
+int64_t dm_index_add(const uint8_t *src, uint64_t size, int32_t spacing, uint8_t *dst, uint64_t cap, char *message,
                      int32_t message_len);
 
 #endif

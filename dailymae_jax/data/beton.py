@@ -314,18 +314,16 @@ def jpeg_encoding(chroma_subsampling: str, restart_interval: int = 0, crop_index
     if restart_interval:
         params += [int(cv2.IMWRITE_JPEG_RST_INTERVAL), int(restart_interval)]
 
-    mcu_width = 8 if chroma_subsampling == "444" else 16
-    index_step = max(1, crop_index_spacing // mcu_width) if crop_index_spacing and not restart_interval else 0
 
     def encode_jpeg(numpy_image: np.ndarray, quality: int) -> np.ndarray:
         bgr = cv2.cvtColor(numpy_image, cv2.COLOR_RGB2BGR)
         ok, result = cv2.imencode(".jpg", bgr, [int(cv2.IMWRITE_JPEG_QUALITY), quality, *params])
         if not ok:
             raise ValueError("cv2.imencode failed to encode image as JPEG")
-        if index_step:
+        if crop_index_spacing:  # add_crop_index leaves files with restart markers alone
             from dailymae_jax.data.jpeg_crop import add_crop_index
 
-            return np.frombuffer(add_crop_index(result.tobytes(), index_step), np.uint8)
+            return np.frombuffer(add_crop_index(result.tobytes(), crop_index_spacing), np.uint8)
         return result.reshape(-1)
 
     original = rgb_image.encode_jpeg
