@@ -821,7 +821,7 @@ typedef struct {
 static void take_planes(j_decompress_ptr cinfo, JSAMPIMAGE input_buf, JDIMENSION input_row, JSAMPARRAY output_buf,
                         int num_rows) {
     (void)output_buf;
-    (void)num_rows;
+    if (num_rows < 1) return;
     dm_planes *P = &((dm_thread *)((char *)cinfo - offsetof(dm_thread, cinfo)))->planes;
     for (int c = 0; c < 3; c++) P->rows[c] = input_buf[c][input_row];
 }
