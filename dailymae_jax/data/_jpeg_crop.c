@@ -95,7 +95,7 @@ typedef struct {
  * resolution, read straight from libjpeg's component rows, which our colour "converter" (take_planes) hands
  * over instead of converting them. */
 typedef struct {
-    int expand;                    /* pixels per chroma sample along a row: 2 for 4:2:0, 1 for 4:4:4 */
+    int expand;                    /* pixels per chroma sample along a row: 2 for 4:2:0 at DCT scale 1/1 */
     int luma_first, luma_cols;     /* region columns in libjpeg's (cropped) output row */
     int chroma_first, chroma_cols; /* the chroma samples they need, in chroma samples */
     const uint8_t *rows[3];        /* the current row of each component (box-upsampled chroma) */
@@ -700,12 +700,11 @@ static int resample(dm_thread *t, dm_rows *src, int rows, int cols, double y0, d
         const int last = i0 + n - 1;
         /* Rows of this group's window that have not been read yet. */
         for (; next < vertical.first[i0]; next++) src->next(src);
-        for (; next < vertical.first[last] + vertical.count[last]; next++)
-        {
+        for (; next < vertical.first[last] + vertical.count[last]; next++) {
             const uint8_t *row = src->next(src);
             float *to = ring + (size_t)(next % ring_rows) * width;
             if (planes) {
-                widen_planes(planes, to);
+                widen_planes(planes, to);  /* from the component rows take_planes kept */
             } else {
                 widen_row(row, (int)n1, to);
             }
@@ -866,9 +865,9 @@ static int decode_region_unguarded(dm_thread *t, const dm_request *q) {
     cinfo->scale_denom = (unsigned)d;
     cinfo->dct_method = (q->flags & DM_FAST_IDCT) ? JDCT_IFAST : JDCT_ISLOW;
     cinfo->do_fancy_upsampling = (q->flags & DM_FAST_UPSAMPLING) ? FALSE : TRUE;
-    /* YCbCr images are resampled as planes, chroma at its own resolution: libjpeg neither interpolates chroma
-     * (box upsampling, whose rows take_planes hands to the resampler) nor converts colours; the resampler does less
-     * work on subsampled chroma and converts only the output's pixels. */
+    /* Subsampled YCbCr is resampled as planes, chroma at its own resolution: libjpeg neither interpolates chroma
+     * (box upsampling, whose rows take_planes hands to the resampler) nor converts colours; the resampler does
+     * less work on subsampled chroma and converts only the output's pixels. */
     int expand = 0;
     if (!(q->flags & DM_RGB_ROWS)) {
         jpeg_calc_output_dimensions(cinfo);
