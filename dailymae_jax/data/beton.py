@@ -314,7 +314,6 @@ def jpeg_encoding(chroma_subsampling: str, restart_interval: int = 0, crop_index
     if restart_interval:
         params += [int(cv2.IMWRITE_JPEG_RST_INTERVAL), int(restart_interval)]
 
-
     def encode_jpeg(numpy_image: np.ndarray, quality: int) -> np.ndarray:
         bgr = cv2.cvtColor(numpy_image, cv2.COLOR_RGB2BGR)
         ok, result = cv2.imencode(".jpg", bgr, [int(cv2.IMWRITE_JPEG_QUALITY), quality, *params])
