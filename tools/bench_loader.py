@@ -7,6 +7,8 @@ Usage:
 Loaders (RandomResizedCrop with --scale/--ratio to R x R, every one over the whole file each epoch):
   crop_decode  ours: dailymae_jax.data.decode.RandomResizedCropDecoder (crop + DCT-scaled decode, bicubic)
   crop_decode_noindex  the same, ignoring the files' crop index (not run unless named in --loaders)
+  crop_decode_only     the same, stopped before resampling (the destination is left as it is): what decoding
+               the crop's MCUs alone costs, a floor for any crop decoder at that DCT scale (not run unless named)
   ffcv_stock   ffcv's RandomResizedCropRGBImageDecoder on the same file (full decode, crop, area resize)
   pil          PIL decode + crop + bicubic resize in a pool of --workers processes, each building whole
                batches (what a torchvision ImageFolder DataLoader does), arrays sent back through pipes
@@ -46,7 +48,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 LOADERS = ("crop_decode", "ffcv_stock", "pil", "bound")
-EXTRA_LOADERS = ("crop_decode_noindex",)
+EXTRA_LOADERS = ("crop_decode_noindex", "crop_decode_only")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -160,13 +162,13 @@ def _ffcv_loader(kind: str, beton: str, res: int, batch: int, workers: int, scal
     from ffcv.loader import Loader, OrderOption
 
     from dailymae_jax.data.decode import RandomResizedCropDecoder
-    from dailymae_jax.data.jpeg_crop import NO_INDEX
+    from dailymae_jax.data.jpeg_crop import DECODE_ONLY, NO_INDEX
     from dailymae_jax.data.loader import CheckedLoader
 
-    if kind in ("crop_decode", "crop_decode_noindex"):
+    if kind in ("crop_decode", "crop_decode_noindex", "crop_decode_only"):
         decoder = RandomResizedCropDecoder((res, res), scale=scale, ratio=ratio, flip=True, seed=seed)
-        if kind == "crop_decode_noindex":
-            decoder.flags |= NO_INDEX  # the kernel flags its numba code is compiled with
+        # The kernel flags its numba code is compiled with.
+        decoder.flags |= {"crop_decode_noindex": NO_INDEX, "crop_decode_only": DECODE_ONLY}.get(kind, 0)
         cls = CheckedLoader
     elif kind == "ffcv_stock":
         decoder, cls = RandomResizedCropRGBImageDecoder((res, res), scale=scale, ratio=ratio), Loader
@@ -383,16 +385,16 @@ def main(argv: list[str] | None = None) -> int:
                         "epoch_img_per_s": [round(r, 1) for r in run["rates"]]})
     table = {(r["loader"], r["res"]): r for r in results}
     ratios = {}
+    # crop_decode against every other loader; its variants (index off, decoding only) against the bound.
+    pairs = [("crop_decode", other) for other in ("ffcv_stock", "pil", "bound") + EXTRA_LOADERS]
+    pairs += [(extra, "bound") for extra in EXTRA_LOADERS]
     for res in args.res:
-        ours = table.get(("crop_decode", res))
-        if ours is None:
-            continue
-        for other in ("ffcv_stock", "pil", "bound", "crop_decode_noindex"):
-            if (other, res) in table:
-                theirs = table[(other, res)]
+        for mine, other in pairs:
+            if (mine, res) in table and (other, res) in table:
+                ours, theirs = table[(mine, res)], table[(other, res)]
                 # Epochs e of both loaders ran back to back: their ratio is less exposed to the machine's drift.
                 paired = [a / b for a, b in zip(ours["epoch_img_per_s"], theirs["epoch_img_per_s"])]
-                ratios[f"crop_decode/{other}@{res}"] = {
+                ratios[f"{mine}/{other}@{res}"] = {
                     "speed": round(ours["img_per_s"] / theirs["img_per_s"], 3),
                     "speed_epoch_paired_median": round(statistics.median(paired), 3),
                     "peak_rss": round(ours["peak_rss_mb"] / theirs["peak_rss_mb"], 3)}
