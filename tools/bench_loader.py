@@ -23,8 +23,8 @@ give the median of the per-epoch ratios, epoch e of one loader against epoch e o
 peak_rss_mb the child's peak resident memory (sampled every 20 ms, the pool's workers added for pil; the
 kernel's ru_maxrss where larger).
 
-Output JSON: {"results": [{"loader", "res", "img_per_s", "peak_rss_mb", ...}], "ratios": {...}, "settings": {...},
-"machine": {...}}.
+Output JSON: {"results": [{"loader", "res", "img_per_s", "peak_rss_mb", ...}], "ratios": {...}, "complete": bool,
+"settings": {...}, "machine": {...}}, rewritten after each resolution ("complete" is false until the last).
 """
 
 from __future__ import annotations
@@ -261,22 +261,47 @@ class _Child:
 # Bound files: JPEGs already at the output size
 
 
-def _chroma_subsampling(beton: str) -> str:
-    """'444' or '420' from the first JPEG record's frame header (the bound file copies it)."""
-    from PIL import Image
-
+def _first_jpeg(beton: str) -> bytes | None:
     meta, sizes, file = image_records(beton)
     for field in meta:
         if field["mode"] == 0:
             ptr = int(field["data_ptr"])
-            with Image.open(io.BytesIO(file[ptr:ptr + sizes[ptr]].tobytes())) as image:
-                sampling = image.layer[0][1:3] if hasattr(image, "layer") else (2, 2)
-            return "444" if tuple(sampling) == (1, 1) else "420"
-    return "420"
+            return file[ptr:ptr + sizes[ptr]].tobytes()
+    return None
 
 
-def write_bound_beton(beton: str, res: int, out_dir: Path, quality: int, scale, ratio, seed: int) -> str:
-    """A .beton of R x R JPEGs: one RandomResizedCrop of every image of ``beton``, same quality and subsampling."""
+def source_jpeg_settings(beton: str) -> tuple[int | None, str]:
+    """:func:`jpeg_settings` of the first JPEG record of ``beton`` ((None, '420') without one)."""
+    data = _first_jpeg(beton)
+    return (None, "420") if data is None else jpeg_settings(data)
+
+
+def jpeg_settings(data: bytes) -> tuple[int | None, str]:
+    """(quality, chroma subsampling '444'/'420') of a JPEG file, for the bound files to copy.
+
+    The quality is the q in [1, 100] whose libjpeg quantization tables (as OpenCV, the writer's encoder, scales
+    them) equal the file's; None if no q does (another encoder, custom tables).
+    """
+    import cv2
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        sampling = image.layer[0][1:3] if hasattr(image, "layer") else (2, 2)
+        tables = image.quantization
+    chroma = "444" if tuple(sampling) == (1, 1) else "420"
+    probe = np.zeros((16, 16, 3), np.uint8)
+    for quality in range(1, 101):
+        _, encoded = cv2.imencode(".jpg", probe, [cv2.IMWRITE_JPEG_QUALITY, quality])
+        with Image.open(io.BytesIO(encoded.tobytes())) as image:
+            if image.quantization == tables:
+                return quality, chroma
+    return None, chroma
+
+
+def write_bound_beton(beton: str, res: int, out_dir: Path, quality: int, chroma: str, scale, ratio,
+                      seed: int) -> str:
+    """A .beton of R x R JPEGs: one RandomResizedCrop of every image of ``beton`` at ``quality`` and ``chroma``
+    subsampling (the source's: :func:`source_jpeg_settings`)."""
     from PIL import Image
 
     from dailymae_jax.data.write import write_beton
@@ -284,7 +309,8 @@ def write_bound_beton(beton: str, res: int, out_dir: Path, quality: int, scale, 
     out = out_dir / f"bound{res}.beton"
     stat = os.stat(beton)
     signature = json.dumps({"beton": os.path.abspath(beton), "size": stat.st_size, "mtime": stat.st_mtime,
-                            "res": res, "quality": quality, "scale": list(scale), "ratio": list(ratio), "seed": seed})
+                            "res": res, "quality": quality, "chroma": chroma, "scale": list(scale),
+                            "ratio": list(ratio), "seed": seed})
     stamp = out_dir / f"bound{res}.json"
     if out.is_file() and stamp.is_file() and stamp.read_text() == signature:
         return str(out)  # written by an earlier run from the same file and settings
@@ -297,7 +323,7 @@ def write_bound_beton(beton: str, res: int, out_dir: Path, quality: int, scale, 
         for index, image in zip(indices, _pil_batch((seed + start, indices))):
             Image.fromarray(image).save(folder / f"{index:07d}.png", compress_level=1)
     write_beton(folder.parent, out, max_resolution=res, jpeg_quality=quality, num_workers=2,
-                chroma_subsampling=_chroma_subsampling(beton))
+                chroma_subsampling=chroma)
     stamp.write_text(signature)
     return str(out)
 
@@ -329,7 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loaders", default=",".join(LOADERS))
     parser.add_argument("--scale", type=float, nargs=2, default=(0.2, 1.0))
     parser.add_argument("--ratio", type=float, nargs=2, default=(3 / 4, 4 / 3))
-    parser.add_argument("--bound-quality", type=int, default=90, help="JPEG quality of the bound files")
+    parser.add_argument("--bound-quality", type=int, default=None,
+                        help="JPEG quality of the bound files (default: the source's, read from its first JPEG's "
+                             "quantization tables)")
     parser.add_argument("--work-dir", type=Path, default=None, help="where bound files go (default: a temp dir)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -346,12 +374,41 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.beton).is_file():
         parser.error(f"--beton: no such file {args.beton}")
 
+    for name in ("res", "batch_size", "workers", "epochs"):
+        values = args.res if name == "res" else [getattr(args, name)]
+        if min(values) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {min(values)}")
+    for name in ("scale", "ratio"):
+        low, high = getattr(args, name)
+        if not 0 < low <= high:
+            parser.error(f"--{name} must be two increasing positive numbers, got {low} {high}")
+    from dailymae_jax.data.beton import BetonError, check_beton
+
+    try:
+        fields = check_beton(args.beton).fields
+    except BetonError as error:
+        parser.error(f"--beton: {error}")
+    if fields.get("image") != "RGBImageField":
+        parser.error(f"--beton: {args.beton} has no RGBImageField named 'image' (fields: {fields})")
+    num_images = len(image_records(args.beton)[0])
+    if args.batch_size > num_images:
+        parser.error(f"--batch-size {args.batch_size} is larger than the file ({num_images} images): an epoch "
+                     f"would have no batch")
+    quality, chroma = source_jpeg_settings(args.beton)
+    if args.bound_quality is not None:
+        if not 1 <= args.bound_quality <= 100:
+            parser.error(f"--bound-quality must be in [1, 100], got {args.bound_quality}")
+        quality = args.bound_quality
+    elif quality is None and "bound" in loaders:
+        parser.error(f"--beton: cannot tell the JPEG quality of {args.beton} (no JPEG record, or tables other than "
+                     f"libjpeg's): pass --bound-quality")
+
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_loader_"))
     bound_betons = {}
     if "bound" in loaders:
         for res in args.res:
-            print(f"writing the {res} px bound file ...", file=sys.stderr, flush=True)
-            bound_betons[str(res)] = write_bound_beton(args.beton, res, work_dir, args.bound_quality,
+            print(f"writing the {res} px bound file (quality {quality}, {chroma}) ...", file=sys.stderr, flush=True)
+            bound_betons[str(res)] = write_bound_beton(args.beton, res, work_dir, quality, chroma,
                                                        tuple(args.scale), tuple(args.ratio), args.seed)
 
     machine = _machine()
@@ -377,7 +434,18 @@ def main(argv: list[str] | None = None) -> int:
             runs[(kind, res)] = {"rates": rates[kind], "peak_rss_mb": peak}
             print(f"{kind:12s} {res:4d} px: median {statistics.median(rates[kind]):.0f} img/s, "
                   f"peak RSS {peak:.0f} MiB", file=sys.stderr, flush=True)
+        # After every resolution: a run stopped later keeps what it measured.
+        report = _report(runs, args, loaders, machine, bound_quality=quality, complete=res == args.res[-1])
+        _write_atomically(args.json, json.dumps(report, indent=2))
 
+    print(json.dumps({"results": [{k: r[k] for k in ("loader", "res", "img_per_s", "peak_rss_mb")}
+                                  for r in report["results"]], "ratios": report["ratios"]}, indent=1))
+    return 0
+
+
+def _report(runs: dict[tuple[str, int], dict], args: argparse.Namespace, loaders: list[str], machine: dict, *,
+            bound_quality: int | None, complete: bool) -> dict:
+    """The output JSON for the (loader, resolution) runs measured so far."""
     results = []
     for (kind, res), run in runs.items():
         results.append({"loader": kind, "res": res, "img_per_s": round(statistics.median(run["rates"]), 1),
@@ -398,15 +466,17 @@ def main(argv: list[str] | None = None) -> int:
                     "speed": round(ours["img_per_s"] / theirs["img_per_s"], 3),
                     "speed_epoch_paired_median": round(statistics.median(paired), 3),
                     "peak_rss": round(ours["peak_rss_mb"] / theirs["peak_rss_mb"], 3)}
-    report = {"results": results, "ratios": ratios,
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
-                           if k != "child"},
-              "machine": {**machine, "load_average_at_end": os.getloadavg()}}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
-    print(json.dumps({"results": [{k: r[k] for k in ("loader", "res", "img_per_s", "peak_rss_mb")}
-                                  for r in results], "ratios": ratios}, indent=1))
-    return 0
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "child"}
+    settings.update(loaders=loaders, bound_quality=bound_quality)
+    return {"results": results, "ratios": ratios, "complete": complete, "settings": settings,
+            "machine": {**machine, "load_average_at_end": os.getloadavg()}}
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dailymae_jax.data.write import (  # noqa: E402
     CHROMA_SUBSAMPLINGS, CROP_INDEX_SPACING, RECIPE_CHROMA, RECIPE_JPEG_QUALITY, RECIPE_MAX_RESOLUTION, WRITE_MODES,
-    report_path, write_beton)
+    ReportError, report_path, write_beton)
 
 _SHOW_SKIPPED = 10  # skipped items printed; all are in the report file
 
@@ -128,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileExistsError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
+    except ReportError as exc:  # the beton itself is complete: say so, not "nothing written"
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
     except (RuntimeError, OSError) as exc:
         print(f"{parser.prog}: error while writing, nothing written to {args.out}: {exc}", file=sys.stderr)
         return 1

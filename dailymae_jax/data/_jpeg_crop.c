@@ -785,11 +785,12 @@ static int resample(dm_thread *t, dm_rows *src, int rows, int cols, double y0, d
 
 static int check_sizes(dm_thread *t, int32_t h, int32_t w, int32_t out_h, int32_t out_w) {
     if (h < 1 || w < 1 || h > DM_MAX_SIDE || w > DM_MAX_SIDE) {
-        snprintf(t->message, MSG_LEN, "crop size %dx%d must be positive", (int)h, (int)w);
+        snprintf(t->message, MSG_LEN, "crop size %dx%d must be in [1, %d]", (int)h, (int)w, DM_MAX_SIDE);
         return DM_ERR_ARGS;
     }
     if (out_h < 1 || out_w < 1 || out_h > DM_MAX_SIDE || out_w > DM_MAX_SIDE) {
-        snprintf(t->message, MSG_LEN, "output size %dx%d must be positive", (int)out_h, (int)out_w);
+        snprintf(t->message, MSG_LEN, "output size %dx%d must be in [1, %d]", (int)out_h, (int)out_w,
+                 DM_MAX_SIDE);
         return DM_ERR_ARGS;
     }
     return DM_OK;

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
+import numbers
 from ctypes import c_int32, c_int64, c_uint64, c_void_p
 
 import numpy as np
@@ -128,15 +129,40 @@ def check_result(code: int) -> None:
     raise ValueError(f"decode_crop: cannot decode JPEG: {message}")
 
 
+MAX_SIDE = 65500  # the kernel's limit on crop and output sides (DM_MAX_SIDE in _jpeg_crop.c; libjpeg's too)
+
+
 def _check_geometry(box: tuple[int, int, int, int], out_size: tuple[int, int]) -> tuple[int, ...]:
+    """The six integers of (box, out_size), or a one-line error naming what is wrong with them."""
+    try:
+        box, out_size = tuple(box), tuple(out_size)
+    except TypeError:
+        raise TypeError(f"box must be (top, left, height, width) and out_size (height, width), got {box!r} and "
+                        f"{out_size!r}") from None
     if len(box) != 4 or len(out_size) != 2:
         raise ValueError(f"box must be (top, left, height, width) and out_size (height, width), got {box} and "
                          f"{out_size}")
+    # Integers only (numpy's included): a float box would be truncated silently, a bool is a mistake.
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_)) for v in box + out_size):
+        raise TypeError(f"box and out_size must hold integers, got box={box}, out_size={out_size}")
     top, left, height, width = (int(v) for v in box)
     out_h, out_w = (int(v) for v in out_size)
-    if height < 1 or width < 1 or out_h < 1 or out_w < 1:
-        raise ValueError(f"box height/width and out_size must be positive, got box={box}, out_size={out_size}")
+    if not (1 <= height <= MAX_SIDE and 1 <= width <= MAX_SIDE and 1 <= out_h <= MAX_SIDE and 1 <= out_w <= MAX_SIDE):
+        raise ValueError(f"box height/width and out_size must be in [1, {MAX_SIDE}], got box={box}, "
+                         f"out_size={out_size}")
+    if not (0 <= top <= MAX_SIDE and 0 <= left <= MAX_SIDE):
+        raise ValueError(f"box top/left must be in [0, {MAX_SIDE}], got box={box}")
     return top, left, height, width, out_h, out_w
+
+
+def _as_bytes(jpeg_bytes: bytes | np.ndarray) -> np.ndarray:
+    """The encoded file as a flat uint8 array (no copy for bytes or a contiguous uint8 array)."""
+    if isinstance(jpeg_bytes, (bytes, bytearray, memoryview)):
+        return np.frombuffer(jpeg_bytes, np.uint8)
+    if isinstance(jpeg_bytes, np.ndarray) and jpeg_bytes.dtype == np.uint8:
+        return np.ascontiguousarray(jpeg_bytes).reshape(-1)
+    kind = f"a {jpeg_bytes.dtype} array" if isinstance(jpeg_bytes, np.ndarray) else type(jpeg_bytes).__name__
+    raise TypeError(f"jpeg_bytes must be bytes or a uint8 array of the encoded file, got {kind}")
 
 
 def decode_crop(jpeg_bytes: bytes | np.ndarray, box: tuple[int, int, int, int], out_size: tuple[int, int],
@@ -151,11 +177,10 @@ def decode_crop(jpeg_bytes: bytes | np.ndarray, box: tuple[int, int, int, int], 
     skip the Huffman decoding of what the crop does not need, and whether it resampled YCbCr planes (chroma
     from its own subsampled samples; otherwise RGB rows after libjpeg's chroma interpolation, as PIL decodes
     them). Raises ValueError naming the problem
-    for a box outside the image or bytes libjpeg cannot decode.
+    for a box outside the image or bytes libjpeg cannot decode, TypeError for arguments of the wrong type.
     """
     top, left, height, width, out_h, out_w = _check_geometry(box, out_size)
-    data = np.frombuffer(jpeg_bytes, np.uint8) if isinstance(jpeg_bytes, (bytes, bytearray, memoryview)) \
-        else np.ascontiguousarray(jpeg_bytes, np.uint8).reshape(-1)
+    data = _as_bytes(jpeg_bytes)
     out = np.empty((out_h, out_w, 3), np.uint8)
     flags = int(flags) | interpolation_flags(interpolation) | (FLIP if flip else 0)
     if info is not None and (info.dtype != np.int32 or info.size < INFO_SIZE or not info.flags.c_contiguous):
@@ -170,6 +195,8 @@ def resize_crop(pixels: np.ndarray, box: tuple[int, int, int, int], out_size: tu
                 *, interpolation: str = "bicubic") -> np.ndarray:
     """The same resampling for an uncompressed uint8 (H, W, 3) image (the loaders' path for raw records)."""
     top, left, height, width, out_h, out_w = _check_geometry(box, out_size)
+    if not isinstance(pixels, np.ndarray):
+        raise TypeError(f"pixels must be a uint8 (H, W, 3) numpy array, got {type(pixels).__name__}")
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ValueError(f"pixels must be uint8 (H, W, 3), got {pixels.dtype} {pixels.shape}")
     pixels = np.ascontiguousarray(pixels)

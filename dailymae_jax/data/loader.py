@@ -24,7 +24,7 @@ import numpy as np
 from ffcv.fields.decoders import IntDecoder
 from ffcv.loader import Loader, OrderOption
 
-from dailymae_jax.data.decode import CropDecoder, RandomResizedCropDecoder
+from dailymae_jax.data.decode import KEY_GROUP, CropDecoder, RandomResizedCropDecoder
 from dailymae_jax.data.shard import BatchSharding
 from dailymae_jax.train.schedule import Stage, stage_at
 
@@ -47,7 +47,8 @@ class EpochOrder:
 
     Epoch ``e`` is ``permutation(num_samples)`` drawn from ``numpy.random.default_rng([seed, e])``, cut into
     ``steps_per_epoch`` global batches (the remainder is dropped, as with drop_last). Process ``p`` of ``P``
-    reads columns ``[p·B/P, (p+1)·B/P)`` of every global batch.
+    reads columns ``[p·B/P, (p+1)·B/P)`` of every global batch; with several processes B/P must be even, so
+    that every slice starts at an even position and the crop keys (decode.pair_key) match a single process's.
     """
 
     def __init__(self, num_samples: int, global_batch: int, seed: int,
@@ -55,6 +56,12 @@ class EpochOrder:
         if global_batch % process_count:
             raise ValueError(f"data.global_batch_size {global_batch} is not divisible by the process count "
                              f"{process_count}")
+        if process_count > 1 and (global_batch // process_count) % KEY_GROUP:
+            # Crops are keyed by aligned pairs of batch positions (decode.pair_key): a process slice that starts
+            # at an odd position would pair its samples differently from a single process.
+            raise ValueError(f"data.global_batch_size {global_batch} over {process_count} processes gives "
+                             f"{global_batch // process_count} samples per process; it must be a multiple of "
+                             f"{KEY_GROUP} for crops that do not depend on the process count")
         self.num_samples = num_samples
         self.global_batch = global_batch
         self.local_batch = global_batch // process_count

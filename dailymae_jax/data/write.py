@@ -200,6 +200,10 @@ class _Samples:
                                f"(it passed the check before): {type(exc).__name__}: {exc}") from exc
 
 
+class ReportError(OSError):
+    """The .beton was written and renamed into place, but its report could not be saved."""
+
+
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
@@ -235,7 +239,8 @@ def write_beton(source: str | Path | ImageSource, out_path: str | Path, *,
 
     Raises ValueError for bad settings, a missing/empty source or no readable image;
     FileExistsError if ``out_path`` exists and not ``overwrite``; RuntimeError if writing fails
-    (a worker error, e.g. an image that stopped decoding after the check, or a full disk).
+    (a worker error, e.g. an image that stopped decoding after the check, or a full disk); ReportError (an
+    OSError) if the beton is in place but its report could not be saved.
     """
     _check_settings(max_resolution, jpeg_quality, num_workers, write_mode, smart_threshold, compress_probability,
                     chroma_subsampling, restart_interval, crop_index_spacing)
@@ -286,5 +291,9 @@ def write_beton(source: str | Path | ImageSource, out_path: str | Path, *,
                   "crop_index_spacing": crop_index_spacing},
         seconds=round(time.perf_counter() - start, 3), file_bytes=out_path.stat().st_size,
     )
-    _write_atomically(report_path(out_path), report.to_json())
+    try:
+        _write_atomically(report_path(out_path), report.to_json())
+    except OSError as exc:
+        raise ReportError(f"{out_path} was written ({report.num_written} images), but its report could not be "
+                          f"saved to {report_path(out_path)}: {exc}") from exc
     return report

@@ -176,9 +176,11 @@ def test_crop_index_is_not_added_where_it_cannot_be_used_and_bad_data_is_named(p
         decode_crop(corrupt, (0, 100, 60, 80), (32, 32))
 
 
-def test_flips_are_exact_mirrors(photos):
+@pytest.mark.parametrize("subsampling, restart_interval", [("420", 1), ("420", 0), ("444", 0)])
+def test_flips_are_exact_mirrors(photos, subsampling, restart_interval):
+    # 4:2:0 at DCT scale 1/1 takes the planar resampler, everything else RGB rows: both paths flip.
     rng = np.random.default_rng(9)
-    data = _encode(photos[0], "420", restart_interval=1)
+    data = add_crop_index(_encode(photos[0], subsampling, restart_interval=restart_interval))
     for box, out in _random_boxes(rng, *photos[0].shape[:2], count=10):
         for interpolation in ("bicubic", "area"):
             plain = decode_crop(data, box, out, interpolation=interpolation)
@@ -272,8 +274,29 @@ def test_bad_input_gives_clear_errors(photos):
         decode_crop(cmyk.getvalue(), (0, 0, 10, 10), (8, 8))
     with pytest.raises(ValueError, match="interpolation must be one of"):
         decode_crop(data, (0, 0, 10, 10), (8, 8), interpolation="nearest")
-    with pytest.raises(ValueError, match="must be positive"):
+    with pytest.raises(ValueError, match=r"box height/width and out_size must be in \[1, 65500\]"):
         decode_crop(data, (0, 0, 0, 10), (8, 8))
+    with pytest.raises(ValueError, match=r"must be in \[1, 65500\], got box=\(0, 0, 10, 10\), out_size=\(70000, 8\)"):
+        decode_crop(data, (0, 0, 10, 10), (70000, 8))
+    with pytest.raises(ValueError, match=r"box height/width and out_size must be in"):
+        decode_crop(data, (0, 0, 2 ** 31, 10), (8, 8))  # would wrap in the kernel's int32
+    with pytest.raises(ValueError, match=r"box top/left must be in \[0, 65500\]"):
+        decode_crop(data, (-1, 0, 10, 10), (8, 8))
+    with pytest.raises(TypeError, match="box and out_size must hold integers"):
+        decode_crop(data, (0.5, 0, 10, 10), (8, 8))  # not truncated silently
+    with pytest.raises(TypeError, match="box must be .* and out_size"):
+        decode_crop(data, None, (8, 8))
+    with pytest.raises(ValueError, match="box must be"):
+        decode_crop(data, (0, 0, 10), (8, 8))
+    with pytest.raises(TypeError, match="jpeg_bytes must be bytes or a uint8 array of the encoded file, got str"):
+        decode_crop("photo.jpg", (0, 0, 10, 10), (8, 8))
+    with pytest.raises(TypeError, match="got a float32 array"):
+        decode_crop(np.zeros(100, np.float32), (0, 0, 10, 10), (8, 8))
+    with pytest.raises(TypeError, match="pixels must be a uint8"):
+        resize_crop(data, (0, 0, 10, 10), (8, 8))
+    # numpy integers are integers; a uint8 array holds the file as well as bytes do.
+    np.testing.assert_array_equal(decode_crop(np.frombuffer(data, np.uint8), np.array([0, 0, 375, 500]), (32, 32)),
+                                  decode_crop(data, (0, 0, 375, 500), (32, 32)))
     # Still usable after errors (the per-thread decompressor is reset).
     assert decode_crop(data, (0, 0, 375, 500), (32, 32)).std() > 10
 
@@ -378,3 +401,17 @@ def test_a_corrupt_record_raises_naming_the_sample(small_betons, tmp_path):
     with pytest.raises(BetonError, match=r"broken.beton: 1 sample\(s\) failed to decode; first: sample 6: Not a JPEG "
                                          r"file"):
         _all_batches(_center_crop_loader(broken, resolution=32, batch_size=4))
+
+
+def test_random_flips_mirror_half_the_samples_and_only_when_asked():
+    from dailymae_jax.data.decode import RandomResizedCropDecoder
+
+    flipping = RandomResizedCropDecoder((32, 32), flip=True, seed=5).crop_params_code()
+    plain = RandomResizedCropDecoder((32, 32), seed=5).crop_params_code()
+    draws = [flipping(375, 500, sample, 77) for sample in range(4000)]
+    rate = np.mean([flip for *_, flip in draws])
+    assert 0.46 < rate < 0.54, rate  # 1/2 within 5 standard deviations (0.008)
+    # The flip is drawn after the box: asking for flips leaves every box as it was, and never flips without.
+    unflipped = [plain(375, 500, sample, 77) for sample in range(4000)]
+    assert [d[:4] for d in draws] == [d[:4] for d in unflipped]
+    assert not any(flip for *_, flip in unflipped)

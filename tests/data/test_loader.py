@@ -4,14 +4,18 @@ import math
 import threading
 import time
 
+import numba
 import numpy as np
 import pytest
 from ffcv.reader import Reader
 
-from dailymae_jax.data.decode import random_resized_crop_box
+from dailymae_jax.data import decode_crop
+from dailymae_jax.data.decode import RandomResizedCropDecoder, pair_key, random_resized_crop_box
 from dailymae_jax.data.loader import EpochOrder, TrainLoader
 from dailymae_jax.data.shard import BatchSharding, make_mesh
 from dailymae_jax.train.schedule import Stage
+
+from beton_read import jpeg_blobs  # noqa: E402  (tests/data is on sys.path under pytest)
 
 
 def test_epoch_order_is_a_permutation_and_independent_of_process_count():
@@ -32,10 +36,73 @@ def test_epoch_order_rejects_impossible_batches():
         EpochOrder(100, 10, 0, 0, 4)
     with pytest.raises(ValueError, match="larger than the dataset"):
         EpochOrder(10, 16, 0)
+    # An odd share per process would start slices at odd positions and split crop-key pairs.
+    with pytest.raises(ValueError, match="6 over 2 processes gives 3 samples per process; it must be a multiple "
+                                         "of 2"):
+        EpochOrder(100, 6, 0, 1, 2)
+    assert EpochOrder(100, 7, 0).local_batch == 7  # one process: no slice, no constraint
 
 
-def test_crop_boxes_follow_random_resized_crop():
-    np.random.seed(0)
+def test_crop_keys_of_a_process_slice_match_the_global_batch():
+    batch = np.random.default_rng(1).permutation(1000)[:24].astype(np.uint64)
+    keys = [pair_key(batch, i) for i in range(24)]
+    assert len(set(keys)) == 12  # one key per pair
+    for share in (2, 6, 12):  # even shares: every slice starts at an even position
+        for start in range(0, 24, share):
+            local = batch[start:start + share].copy()
+            assert [pair_key(local, i) for i in range(share)] == keys[start:start + share]
+    # Odd shares (refused by EpochOrder) would pair samples differently.
+    assert [pair_key(batch[3:6].copy(), i) for i in range(3)] != keys[3:6]
+
+
+@numba.njit(cache=False)
+def _draw_boxes(count, height, width, scale_low, scale_high, log_ratio_low, log_ratio_high):
+    np.random.seed(0)  # numba's generator: seeding it from Python would not reach it
+    boxes = np.empty((count, 4), np.int64)
+    for k in range(count):
+        boxes[k] = random_resized_crop_box(height, width, scale_low, scale_high, log_ratio_low, log_ratio_high)
+    return boxes
+
+
+def _ks_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Two-sample Kolmogorov-Smirnov statistic: the largest gap between the empirical CDFs."""
+    points = np.union1d(a, b)
+    cdf_a = np.searchsorted(np.sort(a), points, side="right") / len(a)
+    cdf_b = np.searchsorted(np.sort(b), points, side="right") / len(b)
+    return float(np.abs(cdf_a - cdf_b).max())
+
+
+@pytest.mark.parametrize("height, width, scale", [(375, 500, (0.2, 1.0)), (500, 333, (0.08, 1.0)),
+                                                  (64, 64, (0.2, 1.0)), (100, 300, (0.35, 1.0))])
+def test_crop_boxes_are_distributed_as_torchvision_draws_them(height, width, scale):
+    # torchvision's RandomResizedCrop.get_params is the definition; the two generators differ, so compare the
+    # distributions of 20000 draws. Critical KS distance for two samples of 20000 at p = 1e-6: 0.027. A
+    # uniform instead of log-uniform aspect ratio, or a wrong area range, moves them further than that.
+    import torch
+    from torchvision.transforms import RandomResizedCrop
+
+    count, ratio = 20000, (3 / 4, 4 / 3)
+    ours = _draw_boxes(count, height, width, *scale, math.log(ratio[0]), math.log(ratio[1]))
+    torch.manual_seed(0)
+    image = torch.empty(3, height, width)
+    theirs = np.array([RandomResizedCrop.get_params(image, list(scale), list(ratio)) for _ in range(count)])
+    full = float(height * width)
+    for name, of in [("area fraction", lambda b: b[:, 2] * b[:, 3] / full),
+                     ("log aspect", lambda b: np.log(b[:, 3] / b[:, 2])),
+                     ("centre row", lambda b: (b[:, 0] + b[:, 2] / 2) / height),
+                     ("centre column", lambda b: (b[:, 1] + b[:, 3] / 2) / width)]:
+        distance = _ks_distance(of(ours), of(theirs))
+        assert distance < 0.027, (name, distance)
+    # Both fall back to the centred, ratio-clamped box equally often (when ten tries all fail).
+    in_ratio = width / height
+    fallback_w = round(height * ratio[1]) if in_ratio > ratio[1] else width
+    fallback_h = round(width / ratio[0]) if in_ratio < ratio[0] else height
+    fallback = ((height - fallback_h) // 2, (width - fallback_w) // 2, fallback_h, fallback_w)
+    rates = [np.mean(np.all(b == fallback, axis=1)) for b in (ours, theirs)]
+    assert abs(rates[0] - rates[1]) < 0.01, (fallback, rates)
+
+
+def test_crop_boxes_stay_inside_the_image():
     log_lo, log_hi = math.log(3 / 4), math.log(4 / 3)
     for height, width in [(375, 500), (500, 333), (64, 64), (20, 400)]:
         for _ in range(200):
@@ -106,3 +173,34 @@ def test_crops_are_reproducible_and_change_between_epochs(loader):
     row, col = np.argwhere(order.global_batches(1) == sample)[0]
     next_epoch = [images for images, _ in loader.host_batches(1)]
     assert not np.array_equal(first[0][0], next_epoch[row][col])
+
+
+def _stored_images(beton) -> tuple[list[bytes], np.ndarray, np.ndarray]:
+    """Every sample's JPEG bytes, height and width, read with ffcv's Reader (not through a loader)."""
+    metadata = Reader(str(beton)).metadata["f0"]
+    assert (metadata["mode"] == 0).all()  # the sample dataset is all JPEG
+    return jpeg_blobs(beton), metadata["height"].astype(int), metadata["width"].astype(int)
+
+
+def test_loader_pixels_are_decode_crop_of_the_seeded_boxes(loader, sample_beton):
+    # Bit for bit: the loader runs decode_crop's kernel on the box its decoder draws from (seed, sample, pair).
+    blobs, heights, widths = _stored_images(sample_beton)
+    params = RandomResizedCropDecoder((1, 1), seed=loader.order.seed).crop_params_code()  # CropSpec's defaults
+    for epoch, resolution in ((0, 64), (1, 32)):
+        order = loader.order.global_batches(epoch)
+        for step, (images, _) in zip(range(2), loader.host_batches(epoch)):
+            indices = order[step].astype(np.uint64)
+            for position, sample in enumerate(indices):
+                top, left, h, w, flip = params(heights[sample], widths[sample], sample, pair_key(indices, position))
+                assert not flip
+                expected = decode_crop(blobs[sample], (top, left, h, w), (resolution, resolution), flip)
+                np.testing.assert_array_equal(images[position], expected, err_msg=f"{epoch=} {step=} {position=}")
+
+
+def test_a_process_decodes_its_slice_of_the_single_process_batches(loader, sample_beton):
+    second_of_two = TrainLoader(sample_beton, stages=(Stage(0, 64, 0.75),),
+                                order=EpochOrder(112, 16, seed=0, process_index=1, process_count=2),
+                                sharding=BatchSharding(make_mesh()), num_workers=2)
+    for (single, single_labels), (half, half_labels) in zip(loader.host_batches(0), second_of_two.host_batches(0)):
+        np.testing.assert_array_equal(half, single[8:])
+        np.testing.assert_array_equal(half_labels, single_labels[8:])

@@ -131,3 +131,17 @@ def test_interrupt_leaves_nothing(train_dir: Path, tmp_path: Path, capsys: pytes
     assert tool.main(["--source", str(train_dir), "--out", str(out), "--workers", "2", "--no-progress"]) == 130
     assert capsys.readouterr().err == f"write_dataset.py: interrupted, nothing written to {out}\n"
     assert list(out.parent.iterdir()) == []
+
+
+def test_a_report_that_cannot_be_saved_does_not_hide_the_written_file(train_dir: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    from dailymae_jax.data.beton import check_beton
+
+    out = tmp_path / "train.beton"
+    (tmp_path / "train.beton.report.json").mkdir()  # the report cannot replace a folder
+    code = tool.main(["--source", str(train_dir), "--out", str(out), "--no-progress", "--max-resolution", "64"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith(f"write_dataset.py: error: {out} was written (14 images), but its report could not be "
+                          f"saved to {out}.report.json: ") and "nothing written" not in err
+    assert check_beton(out).num_samples == 14  # train: half of the 28 photographs

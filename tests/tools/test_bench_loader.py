@@ -4,12 +4,15 @@ The numbers themselves come from running the tool (docs/PERFORMANCE.md); here a 
 produces a complete JSON report with every loader, resolution, memory peak and ratio.
 """
 
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from dailymae_jax.data.sample import source_photograph_paths
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = [sys.executable, str(REPO / "tools" / "bench_loader.py")]
@@ -24,6 +27,49 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
                               str(tmp_path / "out.json"), "--loaders", "crop_decode,dali"], capture_output=True,
                              text=True)
     assert unknown.returncode == 2 and "unknown ['dali']" in unknown.stderr
+    broken = subprocess.run([*TOOL, "--beton", str(tmp_path / "x.beton"), "--res", "32", "--json",
+                             str(tmp_path / "out.json")], capture_output=True, text=True)
+    assert broken.returncode == 2 and "--beton: " in broken.stderr and "Traceback" not in broken.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "--epochs must be at least 1, got 0"),
+    (["--res", "0"], "--res must be at least 1, got 0"),
+    (["--workers", "0"], "--workers must be at least 1, got 0"),
+    (["--batch-size", "1000"], "--batch-size 1000 is larger than the file (112 images)"),
+    (["--scale", "0.5", "0.2"], "--scale must be two increasing positive numbers, got 0.5 0.2"),
+    (["--bound-quality", "101"], "--bound-quality must be in [1, 100], got 101"),
+])
+def test_bad_settings_are_one_line_errors(sample_beton, tmp_path, args, message):
+    out = tmp_path / "out.json"
+    result = subprocess.run([*TOOL, "--beton", str(sample_beton), "--res", "32", "--batch-size", "16",
+                             "--json", str(out), *args], capture_output=True, text=True)
+    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not out.exists()
+
+
+def test_bound_files_copy_the_source_quality_and_chroma(sample_beton):
+    import cv2
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        from bench_loader import jpeg_settings, source_jpeg_settings
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    from dailymae_jax.data.prepare import _SAMPLE_CHROMA, _SAMPLE_JPEG_QUALITY
+
+    assert source_jpeg_settings(str(sample_beton)) == (_SAMPLE_JPEG_QUALITY, _SAMPLE_CHROMA)
+    photo = np.asarray(Image.open(next(iter(source_photograph_paths().values()))).convert("RGB"))
+    for quality, chroma, factor in [(75, "444", cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444),
+                                    (95, "420", cv2.IMWRITE_JPEG_SAMPLING_FACTOR_420)]:
+        _, data = cv2.imencode(".jpg", photo, [cv2.IMWRITE_JPEG_QUALITY, quality,
+                                               cv2.IMWRITE_JPEG_SAMPLING_FACTOR, factor])
+        assert jpeg_settings(data.tobytes()) == (quality, chroma)
+    custom = io.BytesIO()  # tables no libjpeg quality gives: no quality to copy
+    Image.fromarray(photo).save(custom, "JPEG", qtables=[[7] * 64, [9] * 64], subsampling=0)
+    assert jpeg_settings(custom.getvalue()) == (None, "444")
 
 
 @pytest.mark.slow  # six child processes, each compiling an ffcv pipeline
@@ -34,6 +80,7 @@ def test_smoke_run_reports_every_loader(sample_beton, tmp_path):
                     "--loaders", "crop_decode,crop_decode_noindex,crop_decode_only,ffcv_stock,pil,bound"],
                    check=True, capture_output=True, text=True, timeout=900)
     report = json.loads(out.read_text())
+    assert report["complete"] and report["settings"]["bound_quality"] == 90
     rows = {(r["loader"], r["res"]): r for r in report["results"]}
     loaders = ("crop_decode", "crop_decode_noindex", "crop_decode_only", "ffcv_stock", "pil", "bound")
     assert set(rows) == {(loader, res) for loader in loaders for res in (32, 48)}
