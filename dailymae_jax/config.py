@@ -56,16 +56,17 @@ def stages(config: ml_collections.ConfigDict) -> tuple[Stage, ...]:
     return result
 
 
-def validate(config: ml_collections.ConfigDict, *, device_count: int | None = None) -> None:
+def validate(config: ml_collections.ConfigDict, *, device_count: int | None = None,
+             process_count: int = 1) -> None:
     """Everything that can be checked before data is read or a step compiled.
 
     Without ``device_count`` (before JAX has started its backends) the batch is checked against nothing but
-    itself; the run checks it again against the mesh.
+    itself; the run checks it again against the mesh and the process count.
     """
     if config.task not in TASKS:
         raise ConfigError(f"task: unknown task {config.task!r}; allowed: {', '.join(TASKS)}")
     if config.task in CLASSIFIER_TASKS:
-        validate_classifier(config, device_count=device_count)
+        validate_classifier(config, device_count=device_count, process_count=process_count)
         return
     if not config.data.train_path and not config.data.sample_dir:
         raise ConfigError("data.train_path: missing; give a .beton file (tools/write_dataset.py makes one) "
@@ -78,6 +79,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
     if batch <= 0 or batch % device_count:
         raise ConfigError(f"data.global_batch_size {batch} is not divisible by the device count {device_count}; "
                           f"allowed: positive multiples of {device_count}")
+    _check_process_share(batch, process_count)
     accum = config.train.grad_accum_steps
     if accum < 1 or (batch // device_count) % accum:
         raise ConfigError(f"train.grad_accum_steps {accum} must be ≥ 1 and divide the per-device batch "
@@ -124,7 +126,21 @@ def checkpoint_steps(workdir: str | Path) -> list[int]:
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "state").is_dir())
 
 
-def validate_classifier(config: ml_collections.ConfigDict, *, device_count: int | None = None) -> None:
+def _check_process_share(batch: int, process_count: int) -> None:
+    # The random crops are keyed by pairs of batch positions (data.decode.pair_key): each process's share of
+    # a batch must start at an even position for the crops not to depend on the process count.
+    if process_count == 1:
+        return
+    from dailymae_jax.data.decode import KEY_GROUP  # numba and ffcv: only for multi-process runs
+
+    if (batch // process_count) % KEY_GROUP:
+        raise ConfigError(f"data.global_batch_size {batch} over {process_count} processes gives "
+                          f"{batch // process_count} samples per process; allowed: multiples of "
+                          f"{KEY_GROUP * process_count}")
+
+
+def validate_classifier(config: ml_collections.ConfigDict, *, device_count: int | None = None,
+                        process_count: int = 1) -> None:
     """Checks for the finetune and linprobe tasks (see validate)."""
     from dailymae_jax.train.warm_start import FILE_IMPORTERS, SOURCES
 
@@ -140,6 +156,7 @@ def validate_classifier(config: ml_collections.ConfigDict, *, device_count: int 
         if batch <= 0 or batch % device_count:
             raise ConfigError(f"{key} {batch} is not divisible by the device count {device_count}; "
                               f"allowed: positive multiples of {device_count}")
+    _check_process_share(data.global_batch_size, process_count)
     train = config.train
     if train.epochs < 1:
         raise ConfigError(f"train.epochs {train.epochs} must be ≥ 1")

@@ -82,6 +82,21 @@ def test_impossible_values_name_the_field(fields, expected):
         distributed.resolve(config_with(**fields), environ={})
 
 
+def test_an_odd_share_per_process_is_a_config_error():
+    # The crops are keyed by pairs of batch positions: each process's share must start at an even position.
+    from configs import mae_demo
+    from dailymae_jax.config import validate
+
+    config = mae_demo.get_config()
+    config.data.global_batch_size = 6
+    validate(config, device_count=2)  # one process: any share will do
+    with pytest.raises(ConfigError, match="^data.global_batch_size 6 over 2 processes gives 3 samples per process; "
+                                          "allowed: multiples of 4$"):
+        validate(config, device_count=2, process_count=2)
+    config.data.global_batch_size = 8
+    validate(config, device_count=2, process_count=2)
+
+
 def test_waiting_for_process_0s_data_is_bounded(tmp_path):
     processes = distributed.Processes(2, 1, "h:1", "config")
     start = time.monotonic()

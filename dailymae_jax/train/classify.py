@@ -77,7 +77,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, build_parts: Bui
     workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
     mesh = make_mesh()
-    config_lib.validate(config, device_count=mesh.devices.size)
+    config_lib.validate(config, device_count=mesh.devices.size, process_count=jax.process_count())
     stages = config_lib.finetune_stages(config)
     compile_lib.enable_persistent_cache(config.train.compilation_cache_dir)
     if is_main:

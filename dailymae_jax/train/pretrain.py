@@ -92,7 +92,7 @@ class Pretraining:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.is_main = jax.process_index() == 0
         self.mesh = make_mesh()
-        config_lib.validate(config, device_count=self.mesh.devices.size)
+        config_lib.validate(config, device_count=self.mesh.devices.size, process_count=jax.process_count())
         self.stages = config_lib.stages(config)
         compile_lib.enable_persistent_cache(config.train.compilation_cache_dir)
         if self.is_main:

@@ -196,11 +196,3 @@ def test_loader_pixels_are_decode_crop_of_the_seeded_boxes(loader, sample_beton)
                 expected = decode_crop(blobs[sample], (top, left, h, w), (resolution, resolution), flip)
                 np.testing.assert_array_equal(images[position], expected, err_msg=f"{epoch=} {step=} {position=}")
 
-
-def test_a_process_decodes_its_slice_of_the_single_process_batches(loader, sample_beton):
-    second_of_two = TrainLoader(sample_beton, stages=(Stage(0, 64, 0.75),),
-                                order=EpochOrder(112, 16, seed=0, process_index=1, process_count=2),
-                                sharding=BatchSharding(make_mesh()), num_workers=2)
-    for (single, single_labels), (half, half_labels) in zip(loader.host_batches(0), second_of_two.host_batches(0)):
-        np.testing.assert_array_equal(half, single[8:])
-        np.testing.assert_array_equal(half_labels, single_labels[8:])
