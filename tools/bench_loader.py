@@ -323,7 +323,7 @@ def write_bound_beton(beton: str, res: int, out_dir: Path, quality: int, chroma:
         for index, image in zip(indices, _pil_batch((seed + start, indices))):
             Image.fromarray(image).save(folder / f"{index:07d}.png", compress_level=1)
     write_beton(folder.parent, out, max_resolution=res, jpeg_quality=quality, num_workers=2,
-                chroma_subsampling=chroma)
+                chroma_subsampling=chroma, progress=False)
     stamp.write_text(signature)
     return str(out)
 
@@ -342,6 +342,40 @@ def _machine() -> dict:
 
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "ffcv": version("ffcv"),
             "pillow": version("pillow"), "load_average_at_start": os.getloadavg()}
+
+
+def _check_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                    loaders: list[str]) -> tuple[int | None, str]:
+    """One-line errors (parser.error) for settings that cannot run; the bound files' (quality, chroma)."""
+    for name in ("res", "batch_size", "workers", "epochs"):
+        values = args.res if name == "res" else [getattr(args, name)]
+        if min(values) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {min(values)}")
+    for name in ("scale", "ratio"):
+        low, high = getattr(args, name)
+        if not 0 < low <= high:
+            parser.error(f"--{name} must be two increasing positive numbers, got {low} {high}")
+    from dailymae_jax.data.beton import BetonError, check_beton
+
+    try:
+        fields = check_beton(args.beton).fields
+    except BetonError as error:
+        parser.error(f"--beton: {error}")
+    if fields.get("image") != "RGBImageField":
+        parser.error(f"--beton: {args.beton} has no RGBImageField named 'image' (fields: {fields})")
+    num_images = len(image_records(args.beton)[0])
+    if args.batch_size > num_images:
+        parser.error(f"--batch-size {args.batch_size} is larger than the file ({num_images} images): an epoch "
+                     f"would have no batch")
+    quality, chroma = source_jpeg_settings(args.beton)
+    if args.bound_quality is not None:
+        if not 1 <= args.bound_quality <= 100:
+            parser.error(f"--bound-quality must be in [1, 100], got {args.bound_quality}")
+        quality = args.bound_quality
+    elif quality is None and "bound" in loaders:
+        parser.error(f"--beton: cannot tell the JPEG quality of {args.beton} (no JPEG record, or tables other than "
+                     f"libjpeg's): pass --bound-quality")
+    return quality, chroma
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,34 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.beton).is_file():
         parser.error(f"--beton: no such file {args.beton}")
 
-    for name in ("res", "batch_size", "workers", "epochs"):
-        values = args.res if name == "res" else [getattr(args, name)]
-        if min(values) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {min(values)}")
-    for name in ("scale", "ratio"):
-        low, high = getattr(args, name)
-        if not 0 < low <= high:
-            parser.error(f"--{name} must be two increasing positive numbers, got {low} {high}")
-    from dailymae_jax.data.beton import BetonError, check_beton
-
-    try:
-        fields = check_beton(args.beton).fields
-    except BetonError as error:
-        parser.error(f"--beton: {error}")
-    if fields.get("image") != "RGBImageField":
-        parser.error(f"--beton: {args.beton} has no RGBImageField named 'image' (fields: {fields})")
-    num_images = len(image_records(args.beton)[0])
-    if args.batch_size > num_images:
-        parser.error(f"--batch-size {args.batch_size} is larger than the file ({num_images} images): an epoch "
-                     f"would have no batch")
-    quality, chroma = source_jpeg_settings(args.beton)
-    if args.bound_quality is not None:
-        if not 1 <= args.bound_quality <= 100:
-            parser.error(f"--bound-quality must be in [1, 100], got {args.bound_quality}")
-        quality = args.bound_quality
-    elif quality is None and "bound" in loaders:
-        parser.error(f"--beton: cannot tell the JPEG quality of {args.beton} (no JPEG record, or tables other than "
-                     f"libjpeg's): pass --bound-quality")
+    quality, chroma = _check_settings(parser, args, loaders)
 
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="bench_loader_"))
     bound_betons = {}
