@@ -45,21 +45,6 @@ STAGES = ("crop", "crop_rgb_rows", "crop_no_index", "crop_libjpeg_huffman", "cro
           "entropy_to_crop_bottom", "entropy_whole_file", "full_decode", "bound_decode")
 
 
-def jpeg_records(beton: str, count: int) -> list[np.ndarray]:
-    """The first ``count`` JPEG-encoded images of ``beton``'s image field, as byte arrays."""
-    from bench_loader import image_records
-
-    meta, sizes, file = image_records(beton)
-    out = []
-    for field in meta:
-        if field["mode"] == 0:
-            ptr = int(field["data_ptr"])
-            out.append(np.array(file[ptr:ptr + sizes[ptr]]))
-            if len(out) == count:
-                break
-    return out
-
-
 def _time_per_image(run, items) -> float:
     start = time.thread_time()
     for item in items:
@@ -151,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--beton: no such file {args.beton}")
     if args.images < 1 or args.rounds < 1 or min(args.res) < 1:
         parser.error("--images, --rounds and --res must be at least 1")
+
+    from bench_loader import jpeg_records
 
     records = jpeg_records(args.beton, args.images)
     if not records:

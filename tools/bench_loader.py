@@ -107,6 +107,19 @@ def image_records(beton: str) -> tuple[np.ndarray, dict[int, int], np.ndarray]:
     return meta, sizes, np.memmap(beton, np.uint8, mode="r")
 
 
+def jpeg_records(beton: str, count: int) -> list[np.ndarray]:
+    """The first ``count`` JPEG-encoded images of ``beton``'s image field, as byte arrays."""
+    meta, sizes, file = image_records(beton)
+    out = []
+    for field in meta:
+        if field["mode"] == 0:
+            ptr = int(field["data_ptr"])
+            out.append(np.array(file[ptr:ptr + sizes[ptr]]))
+            if len(out) == count:
+                break
+    return out
+
+
 def _pil_init(beton: str, res: int, scale: tuple[float, float], ratio: tuple[float, float]) -> None:
     meta, sizes, file = image_records(beton)
     _PIL_STATE.update(file=file, meta=meta, sizes=sizes, res=res, scale=scale, ratio=ratio)
@@ -261,19 +274,10 @@ class _Child:
 # Bound files: JPEGs already at the output size
 
 
-def _first_jpeg(beton: str) -> bytes | None:
-    meta, sizes, file = image_records(beton)
-    for field in meta:
-        if field["mode"] == 0:
-            ptr = int(field["data_ptr"])
-            return file[ptr:ptr + sizes[ptr]].tobytes()
-    return None
-
-
 def source_jpeg_settings(beton: str) -> tuple[int | None, str]:
     """:func:`jpeg_settings` of the first JPEG record of ``beton`` ((None, '420') without one)."""
-    data = _first_jpeg(beton)
-    return (None, "420") if data is None else jpeg_settings(data)
+    first = jpeg_records(beton, 1)
+    return jpeg_settings(first[0].tobytes()) if first else (None, "420")
 
 
 def jpeg_settings(data: bytes) -> tuple[int | None, str]:
@@ -358,15 +362,14 @@ def _check_settings(parser: argparse.ArgumentParser, args: argparse.Namespace,
     from dailymae_jax.data.beton import BetonError, check_beton
 
     try:
-        fields = check_beton(args.beton).fields
+        info = check_beton(args.beton)
     except BetonError as error:
         parser.error(f"--beton: {error}")
-    if fields.get("image") != "RGBImageField":
-        parser.error(f"--beton: {args.beton} has no RGBImageField named 'image' (fields: {fields})")
-    num_images = len(image_records(args.beton)[0])
-    if args.batch_size > num_images:
-        parser.error(f"--batch-size {args.batch_size} is larger than the file ({num_images} images): an epoch "
-                     f"would have no batch")
+    if info.fields.get("image") != "RGBImageField":
+        parser.error(f"--beton: {args.beton} has no RGBImageField named 'image' (fields: {info.fields})")
+    if args.batch_size > info.num_samples:
+        parser.error(f"--batch-size {args.batch_size} is larger than the file ({info.num_samples} images): an "
+                     f"epoch would have no batch")
     quality, chroma = source_jpeg_settings(args.beton)
     if args.bound_quality is not None:
         if not 1 <= args.bound_quality <= 100:
@@ -418,7 +421,10 @@ def main(argv: list[str] | None = None) -> int:
             bound_betons[str(res)] = write_bound_beton(args.beton, res, work_dir, quality, chroma,
                                                        tuple(args.scale), tuple(args.ratio), args.seed)
 
+    from dailymae_jax.report import write_json
+
     machine = _machine()
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     runs: dict[tuple[str, int], dict] = {}
     for res in args.res:
         children = {}
@@ -443,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"peak RSS {peak:.0f} MiB", file=sys.stderr, flush=True)
         # After every resolution: a run stopped later keeps what it measured.
         report = _report(runs, args, loaders, machine, bound_quality=quality, complete=res == args.res[-1])
-        _write_atomically(args.json, json.dumps(report, indent=2))
+        write_json(args.json, report)
 
     print(json.dumps({"results": [{k: r[k] for k in ("loader", "res", "img_per_s", "peak_rss_mb")}
                                   for r in report["results"]], "ratios": report["ratios"]}, indent=1))
@@ -477,13 +483,6 @@ def _report(runs: dict[tuple[str, int], dict], args: argparse.Namespace, loaders
     settings.update(loaders=loaders, bound_quality=bound_quality)
     return {"results": results, "ratios": ratios, "complete": complete, "settings": settings,
             "machine": {**machine, "load_average_at_end": os.getloadavg()}}
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
