@@ -34,6 +34,7 @@
 
 #include <math.h>
 #include <pthread.h>
+#include <emmintrin.h> /* SSE2 streaming stores (every x86-64 CPU has them) */
 #include <setjmp.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -114,6 +115,7 @@ typedef struct {
     dm_buffer columns;     /* vertical sums, 8 rows per vector (resampler) */
     dm_buffer outputs;     /* horizontal sums, 8 rows per vector (resampler) */
     dm_buffer bytes;       /* rounded outputs before the transpose into rows (resampler) */
+    dm_buffer stage;       /* a group's output rows before streaming stores copy them out (resampler) */
     dm_entropy *entropy;   /* our Huffman decoder (_jpeg_index.c), allocated on first use */
     dm_planes planes;      /* the current decode's planar rows, if it uses them */
 } dm_thread;
@@ -125,7 +127,7 @@ static void free_thread_state(void *state) {
     dm_thread *t = (dm_thread *)state;
     if (t->cinfo_ready) jpeg_destroy_decompress(&t->cinfo);
     dm_buffer *buffers[] = {&t->splice, &t->segments, &t->scanline, &t->kernels, &t->ring, &t->columns,
-                            &t->outputs, &t->bytes};
+                            &t->outputs, &t->bytes, &t->stage};
     for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]->data);
     free(t->entropy);
     free(t);
@@ -434,7 +436,7 @@ static int kernel_taps(int in_size, double b0, double b1, int out_size, int area
  * Taps are limited to [0, in_size) and renormalised, as when the box is cut out before resizing. */
 static void build_kernel(dm_kernel *k, uint8_t *mem, int in_size, double b0, double b1, int out_size, int area) {
     int taps = kernel_taps(in_size, b0, b1, out_size, area);
-    double scale = (b1 - b0) / out_size, fs = scale > 1.0 ? scale : 1.0;
+    double scale = (b1 - b0) / out_size, fs = scale > 1.0 ? scale : 1.0, inv_fs = 1.0 / fs;
     k->out = out_size;
     k->taps = taps;
     k->first = (int *)mem;
@@ -473,7 +475,7 @@ static void build_kernel(dm_kernel *k, uint8_t *mem, int in_size, double b0, dou
             } else if (area) {
                 v = triangle(x + 0.5 - center);
             } else {
-                v = cubic((x + 0.5 - center) / fs);
+                v = cubic((x + 0.5 - center) * inv_fs);
             }
             w[x - first] = (float)v;
             sum += v;
@@ -484,7 +486,8 @@ static void build_kernel(dm_kernel *k, uint8_t *mem, int in_size, double b0, dou
             if (nearest > last - 1) nearest = last - 1;
             for (int x = first; x < last; x++) w[x - first] = x == nearest ? 1.0f : 0.0f;
         } else {
-            for (int x = first; x < last; x++) w[x - first] = (float)(w[x - first] / sum);
+            const double inv_sum = 1.0 / sum;  /* multiplications: this loop runs for every tap of every crop */
+            for (int x = first; x < last; x++) w[x - first] = (float)(w[x - first] * inv_sum);
         }
         k->first[i] = first;
         k->count[i] = last - first;
@@ -619,6 +622,27 @@ static inline void scatter_rows(const uint8_t *src, int count, uint8_t *dst, ptr
         for (int r = 0; r < n; r++) dst[(ptrdiff_t)r * dst_stride + x] = src[8 * x + r];
 }
 
+/* A group's n output rows (bytes laid out as scatter_rows takes them) into dst. Where dst's rows are 16-byte
+ * aligned (the loader's 224 px batches), they are transposed into a staging block in cache and copied out with
+ * streaming stores: the output is written once and not read back by this thread, and ordinary stores would first
+ * fetch every cache line they overwrite (1.03x per crop into a batch-sized array, docs/PERFORMANCE.md). */
+static inline void store_rows(const uint8_t *bytes, int count, uint8_t *stage, uint8_t *dst, ptrdiff_t stride,
+                              int n) {
+    if ((((uintptr_t)dst | (uintptr_t)stride) & 15) != 0) {
+        scatter_rows(bytes, count, dst, stride, n);
+        return;
+    }
+    scatter_rows(bytes, count, stage, count, n);
+    for (int r = 0; r < n; r++) {
+        const uint8_t *from = stage + (ptrdiff_t)r * count;
+        uint8_t *to = dst + (ptrdiff_t)r * stride;
+        int x = 0;
+        for (; x + 16 <= count; x += 16)
+            _mm_stream_si128((__m128i *)(to + x), _mm_loadu_si128((const __m128i *)(from + x)));
+        memcpy(to + x, from + x, (size_t)(count - x));
+    }
+}
+
 /* Horizontal sums of planar YCbCr columns (cols luma values, then ccols Cb and ccols Cr values, each holding a
  * group's 8 rows), converted to RGB (JFIF's YCbCr) for each output column. */
 static inline __attribute__((always_inline)) void horizontal_planar(const dm_kernel *luma, const dm_kernel *chroma,
@@ -656,7 +680,8 @@ static inline __attribute__((always_inline)) void horizontal_planar(const dm_ker
  *      rows in one vector;
  *   2. horizontal filter: weighted sums of those vectors, one per output (column, channel), in reverse column
  *      order for a flip;
- *   3. rounding to bytes and an 8 x 8 byte transpose back into the group's rows of dst. */
+ *   3. rounding to bytes and an 8 x 8 byte transpose back into the group's rows of dst (streaming stores
+ *      where its rows are 16-byte aligned: store_rows). */
 __attribute__((target_clones("arch=x86-64-v3", "default")))
 static int resample(dm_thread *t, dm_rows *src, int rows, int cols, double y0, double y1, double x0, double x1,
                     const dm_planes *planes, double cx0, double cx1, uint8_t *dst, int out_h, int out_w,
@@ -689,7 +714,8 @@ static int resample(dm_thread *t, dm_rows *src, int rows, int cols, double y0, d
     float *columns = (float *)reserve(&t->columns, (width + 8) * GROUP * sizeof(float) + 64);   /* (x, 8 rows) */
     float *outputs = (float *)reserve(&t->outputs, (n2 + 8) * GROUP * sizeof(float) + 64);
     uint8_t *bytes = (uint8_t *)reserve(&t->bytes, (n2 + 8) * GROUP + 64);
-    if (!ring || !columns || !outputs || !bytes) return DM_ERR_NOMEM;
+    uint8_t *stage = (uint8_t *)reserve(&t->stage, n2 * GROUP);
+    if (!ring || !columns || !outputs || !bytes || !stage) return DM_ERR_NOMEM;
     ring = (float *)align64(ring);
     columns = (float *)align64(columns);
     outputs = (float *)align64(outputs);
@@ -754,7 +780,7 @@ static int resample(dm_thread *t, dm_rows *src, int rows, int cols, double y0, d
         if (planes) {
             horizontal_planar(&horizontal, &chroma, columns, cols, ccols, outputs, out_w, flip);
             narrow_row(outputs, (int)(n2 * GROUP), bytes);
-            scatter_rows(bytes, (int)n2, dst + (size_t)i0 * n2, (ptrdiff_t)n2, n);
+            store_rows(bytes, (int)n2, stage, dst + (size_t)i0 * n2, (ptrdiff_t)n2, n);
             continue;
         }
         for (int j = 0; j < out_w; j++) {
@@ -775,8 +801,9 @@ static int resample(dm_thread *t, dm_rows *src, int rows, int cols, double y0, d
         }
         /* 3. Bytes, back into rows. */
         narrow_row(outputs, (int)(n2 * GROUP), bytes);
-        scatter_rows(bytes, (int)n2, dst + (size_t)i0 * n2, (ptrdiff_t)n2, n);
+        store_rows(bytes, (int)n2, stage, dst + (size_t)i0 * n2, (ptrdiff_t)n2, n);
     }
+    _mm_sfence(); /* streaming stores are weakly ordered: done before the caller hands dst to another thread */
     return DM_OK;
 }
 
