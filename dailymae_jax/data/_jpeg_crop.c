@@ -34,7 +34,6 @@
 
 #include <math.h>
 #include <pthread.h>
-#include <emmintrin.h> /* SSE2 streaming stores (every x86-64 CPU has them) */
 #include <setjmp.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -115,7 +114,6 @@ typedef struct {
     dm_buffer columns;     /* vertical sums, 8 rows per vector (resampler) */
     dm_buffer outputs;     /* horizontal sums, 8 rows per vector (resampler) */
     dm_buffer bytes;       /* rounded outputs before the transpose into rows (resampler) */
-    dm_buffer stage;       /* a group's output rows before streaming stores copy them out (resampler) */
     dm_entropy *entropy;   /* our Huffman decoder (_jpeg_index.c), allocated on first use */
     dm_planes planes;      /* the current decode's planar rows, if it uses them */
 } dm_thread;
@@ -127,7 +125,7 @@ static void free_thread_state(void *state) {
     dm_thread *t = (dm_thread *)state;
     if (t->cinfo_ready) jpeg_destroy_decompress(&t->cinfo);
     dm_buffer *buffers[] = {&t->splice, &t->segments, &t->scanline, &t->kernels, &t->ring, &t->columns,
-                            &t->outputs, &t->bytes, &t->stage};
+                            &t->outputs, &t->bytes};
     for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]->data);
     free(t->entropy);
     free(t);
@@ -622,27 +620,6 @@ static inline void scatter_rows(const uint8_t *src, int count, uint8_t *dst, ptr
         for (int r = 0; r < n; r++) dst[(ptrdiff_t)r * dst_stride + x] = src[8 * x + r];
 }
 
-/* A group's n output rows (bytes laid out as scatter_rows takes them) into dst. Where dst's rows are 16-byte
- * aligned (the loader's 224 px batches), they are transposed into a staging block in cache and copied out with
- * streaming stores: the output is written once and not read back by this thread, and ordinary stores would first
- * fetch every cache line they overwrite (1.03x per crop into a batch-sized array, docs/PERFORMANCE.md). */
-static inline void store_rows(const uint8_t *bytes, int count, uint8_t *stage, uint8_t *dst, ptrdiff_t stride,
-                              int n) {
-    if ((((uintptr_t)dst | (uintptr_t)stride) & 15) != 0) {
-        scatter_rows(bytes, count, dst, stride, n);
-        return;
-    }
-    scatter_rows(bytes, count, stage, count, n);
-    for (int r = 0; r < n; r++) {
-        const uint8_t *from = stage + (ptrdiff_t)r * count;
-        uint8_t *to = dst + (ptrdiff_t)r * stride;
-        int x = 0;
-        for (; x + 16 <= count; x += 16)
-            _mm_stream_si128((__m128i *)(to + x), _mm_loadu_si128((const __m128i *)(from + x)));
-        memcpy(to + x, from + x, (size_t)(count - x));
-    }
-}
-
 /* Horizontal sums of planar YCbCr columns (cols luma values, then ccols Cb and ccols Cr values, each holding a
  * group's 8 rows), converted to RGB (JFIF's YCbCr) for each output column. */
 static inline __attribute__((always_inline)) void horizontal_planar(const dm_kernel *luma, const dm_kernel *chroma,
@@ -680,8 +657,7 @@ static inline __attribute__((always_inline)) void horizontal_planar(const dm_ker
  *      rows in one vector;
  *   2. horizontal filter: weighted sums of those vectors, one per output (column, channel), in reverse column
  *      order for a flip;
- *   3. rounding to bytes and an 8 x 8 byte transpose back into the group's rows of dst (streaming stores
- *      where its rows are 16-byte aligned: store_rows). */
+ *   3. rounding to bytes and an 8 x 8 byte transpose back into the group's rows of dst. */
 __attribute__((target_clones("arch=x86-64-v3", "default")))
 static int resample(dm_thread *t, dm_rows *src, int rows, int cols, double y0, double y1, double x0, double x1,
                     const dm_planes *planes, double cx0, double cx1, uint8_t *dst, int out_h, int out_w,
@@ -714,8 +690,7 @@ static int resample(dm_thread *t, dm_rows *src, int rows, int cols, double y0, d
     float *columns = (float *)reserve(&t->columns, (width + 8) * GROUP * sizeof(float) + 64);   /* (x, 8 rows) */
     float *outputs = (float *)reserve(&t->outputs, (n2 + 8) * GROUP * sizeof(float) + 64);
     uint8_t *bytes = (uint8_t *)reserve(&t->bytes, (n2 + 8) * GROUP + 64);
-    uint8_t *stage = (uint8_t *)reserve(&t->stage, n2 * GROUP);
-    if (!ring || !columns || !outputs || !bytes || !stage) return DM_ERR_NOMEM;
+    if (!ring || !columns || !outputs || !bytes) return DM_ERR_NOMEM;
     ring = (float *)align64(ring);
     columns = (float *)align64(columns);
     outputs = (float *)align64(outputs);
@@ -780,7 +755,7 @@ static int resample(dm_thread *t, dm_rows *src, int rows, int cols, double y0, d
         if (planes) {
             horizontal_planar(&horizontal, &chroma, columns, cols, ccols, outputs, out_w, flip);
             narrow_row(outputs, (int)(n2 * GROUP), bytes);
-            store_rows(bytes, (int)n2, stage, dst + (size_t)i0 * n2, (ptrdiff_t)n2, n);
+            scatter_rows(bytes, (int)n2, dst + (size_t)i0 * n2, (ptrdiff_t)n2, n);
             continue;
         }
         for (int j = 0; j < out_w; j++) {
@@ -801,9 +776,8 @@ static int resample(dm_thread *t, dm_rows *src, int rows, int cols, double y0, d
         }
         /* 3. Bytes, back into rows. */
         narrow_row(outputs, (int)(n2 * GROUP), bytes);
-        store_rows(bytes, (int)n2, stage, dst + (size_t)i0 * n2, (ptrdiff_t)n2, n);
+        scatter_rows(bytes, (int)n2, dst + (size_t)i0 * n2, (ptrdiff_t)n2, n);
     }
-    _mm_sfence(); /* streaming stores are weakly ordered: done before the caller hands dst to another thread */
     return DM_OK;
 }
 

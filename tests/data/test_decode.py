@@ -10,9 +10,8 @@ import pytest
 from PIL import Image
 
 from dailymae_jax.data import decode_crop
-from dailymae_jax.data.jpeg_crop import (FLIP, INFO_SIZE, LIBJPEG_HUFFMAN, NO_DCT_SCALING, NO_INDEX, NO_SPLICE,
-                                         RGB_ROWS, add_crop_index, dct_scale_denominator, decode_into, resize_crop,
-                                         resize_into)
+from dailymae_jax.data.jpeg_crop import (INFO_SIZE, LIBJPEG_HUFFMAN, NO_DCT_SCALING, NO_INDEX, NO_SPLICE, RGB_ROWS,
+                                         add_crop_index, dct_scale_denominator, resize_crop)
 
 OUT_SIDES = (96, 256)
 
@@ -187,39 +186,6 @@ def test_flips_are_exact_mirrors(photos, subsampling, restart_interval):
             plain = decode_crop(data, box, out, interpolation=interpolation)
             np.testing.assert_array_equal(decode_crop(data, box, out, flip=True, interpolation=interpolation),
                                           plain[:, ::-1])
-
-
-def _at_offset(shape: tuple[int, ...], offset: int) -> np.ndarray:
-    """An uninitialised uint8 array whose first byte lies ``offset`` bytes past a 64-byte boundary."""
-    size = int(np.prod(shape))
-    raw = np.empty(size + 128, np.uint8)
-    start = (-raw.ctypes.data) % 64 + offset
-    return raw[start:start + size].reshape(shape)
-
-
-@pytest.mark.parametrize("subsampling", ["420", "444"])
-def test_streamed_and_ordinary_stores_write_the_same_pixels(photos, subsampling):
-    # Rows that start on 16-byte boundaries are written with streaming stores, others with ordinary ones: an
-    # aligned and a misaligned destination must receive the same pixels (224 px rows are 672 bytes, so every
-    # row of an aligned 224 px output is aligned; 100 px rows are not, and take ordinary stores either way).
-    data = add_crop_index(_encode(photos[1], subsampling))
-    rgb = photos[1]
-    rng = np.random.default_rng(12)
-    for (top, left, h, w), _ in _random_boxes(rng, *rgb.shape[:2], count=8):
-        for out, flip in (((224, 224), False), ((224, 224), True), ((100, 160), False), ((96, 100), True)):
-            flags = FLIP if flip else 0
-            streamed, ordinary = _at_offset((*out, 3), 0), _at_offset((*out, 3), 3)
-            assert streamed.ctypes.data % 64 == 0 and ordinary.ctypes.data % 16 == 3
-            for destination in (streamed, ordinary):
-                destination.fill(7)
-                assert decode_into(np.frombuffer(data, np.uint8), top, left, h, w, destination, flags) == 0
-            np.testing.assert_array_equal(streamed, ordinary)
-            np.testing.assert_array_equal(streamed, decode_crop(data, (top, left, h, w), out, flip=flip))
-            pixels = np.ascontiguousarray(rgb)
-            for destination in (streamed, ordinary):
-                destination.fill(7)
-                assert resize_into(pixels, *rgb.shape[:2], top, left, h, w, destination, flags) == 0
-            np.testing.assert_array_equal(streamed, ordinary)
 
 
 def test_dct_scale_is_the_largest_power_of_two_that_covers_the_output(photos):
