@@ -107,10 +107,11 @@ def test_report_of_a_run_stopped_between_resolutions():
     finally:
         sys.path.remove(str(REPO / "tools"))
     args = argparse.Namespace(res=[224, 112], json=Path("out.json"), child=None)
-    runs = {("crop_decode", 224): {"rates": [300.0, 200.0, 400.0], "peak_rss_mb": 100.0},
-            ("bound", 224): {"rates": [600.0, 800.0, 400.0], "peak_rss_mb": 50.0}}
+    runs = {("crop_decode", 224): {"rates": [100.0, 200.0, 300.0], "peak_rss_mb": 100.0},
+            ("bound", 224): {"rates": [400.0, 200.0, 500.0], "peak_rss_mb": 50.0}}
     report = _report(runs, args, ["crop_decode", "bound"], {"cores": 2}, bound_quality=90, complete=False)
     assert not report["complete"] and {(r["loader"], r["res"]) for r in report["results"]} == set(runs)
-    assert report["ratios"] == {"crop_decode/bound@224": {"speed": 0.5, "speed_epoch_paired_median": 0.5,
+    # Ratio of the medians (200 / 400), and the median of the epoch-by-epoch ratios (0.25, 1.0, 0.6).
+    assert report["ratios"] == {"crop_decode/bound@224": {"speed": 0.5, "speed_epoch_paired_median": 0.6,
                                                           "peak_rss": 2.0}}
     assert report["settings"]["json"] == "out.json" and "child" not in report["settings"]
