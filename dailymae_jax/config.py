@@ -131,12 +131,11 @@ def _check_process_share(batch: int, process_count: int) -> None:
     # a batch must start at an even position for the crops not to depend on the process count.
     if process_count == 1:
         return
-    from dailymae_jax.data.decode import KEY_GROUP  # numba and ffcv: only for multi-process runs
+    from dailymae_jax.data.decode import KEY_GROUP, process_share_problem  # numba, ffcv: multi-process runs only
 
-    if (batch // process_count) % KEY_GROUP:
-        raise ConfigError(f"data.global_batch_size {batch} over {process_count} processes gives "
-                          f"{batch // process_count} samples per process; allowed: multiples of "
-                          f"{KEY_GROUP * process_count}")
+    problem = process_share_problem(batch, process_count)
+    if problem:
+        raise ConfigError(f"{problem}; allowed: multiples of {KEY_GROUP * process_count}")
 
 
 def validate_classifier(config: ml_collections.ConfigDict, *, device_count: int | None = None,

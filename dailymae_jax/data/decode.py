@@ -74,6 +74,15 @@ def pair_key(batch_indices: np.ndarray, position: int) -> int:
     return batch_key(batch_indices[start:start + KEY_GROUP])
 
 
+def process_share_problem(global_batch: int, process_count: int) -> str | None:
+    """What makes the crops depend on the process count, or None: with several processes, each one's share of a
+    global batch must be a multiple of KEY_GROUP, so that its slice starts on a key group's first position."""
+    share = global_batch // process_count
+    if process_count > 1 and share % KEY_GROUP:
+        return f"data.global_batch_size {global_batch} over {process_count} processes gives {share} samples per process"
+    return None
+
+
 @numba.njit(cache=False, nogil=True)
 def random_resized_crop_box(height: int, width: int, scale_low: float, scale_high: float,
                             log_ratio_low: float, log_ratio_high: float) -> tuple[int, int, int, int]:

@@ -24,7 +24,7 @@ import numpy as np
 from ffcv.fields.decoders import IntDecoder
 from ffcv.loader import Loader, OrderOption
 
-from dailymae_jax.data.decode import KEY_GROUP, CropDecoder, RandomResizedCropDecoder
+from dailymae_jax.data.decode import KEY_GROUP, CropDecoder, RandomResizedCropDecoder, process_share_problem
 from dailymae_jax.data.shard import BatchSharding
 from dailymae_jax.train.schedule import Stage, stage_at
 
@@ -56,12 +56,12 @@ class EpochOrder:
         if global_batch % process_count:
             raise ValueError(f"data.global_batch_size {global_batch} is not divisible by the process count "
                              f"{process_count}")
-        if process_count > 1 and (global_batch // process_count) % KEY_GROUP:
+        problem = process_share_problem(global_batch, process_count)
+        if problem:
             # Crops are keyed by aligned pairs of batch positions (decode.pair_key): a process slice that starts
             # at an odd position would pair its samples differently from a single process.
-            raise ValueError(f"data.global_batch_size {global_batch} over {process_count} processes gives "
-                             f"{global_batch // process_count} samples per process; it must be a multiple of "
-                             f"{KEY_GROUP} for crops that do not depend on the process count")
+            raise ValueError(f"{problem}; it must be a multiple of {KEY_GROUP} for crops that do not depend on the "
+                             f"process count")
         self.num_samples = num_samples
         self.global_batch = global_batch
         self.local_batch = global_batch // process_count
