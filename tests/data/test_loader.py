@@ -195,4 +195,3 @@ def test_loader_pixels_are_decode_crop_of_the_seeded_boxes(loader, sample_beton)
                 assert not flip
                 expected = decode_crop(blobs[sample], (top, left, h, w), (resolution, resolution), flip)
                 np.testing.assert_array_equal(images[position], expected, err_msg=f"{epoch=} {step=} {position=}")
-
