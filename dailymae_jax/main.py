@@ -92,14 +92,19 @@ def _fail(message: str, exit_code: int, *, hard: bool = False) -> NoReturn:
         print(message, file=sys.stderr)
         sys.exit(exit_code)
     # A hard exit skips interpreter shutdown (background threads may be stuck). Those threads can still print
-    # (e.g. orbax's async saver, a traceback from its closed event loop): silence them first, so that the
-    # message stays the run's last line.
+    # (e.g. orbax's async saver, a traceback from its closed event loop), so the message must stay the run's
+    # last line, and a line of its own:
+    # - sys.stderr is not flushed: it is line-buffered, so all it can hold is an unfinished line, and that
+    #   line is another thread's (Python prints a thread's traceback in pieces; flushing one glued it to the
+    #   message, seen under load);
+    # - file descriptor 2 is pointed at /dev/null before the message goes out through a copy of it, so that
+    #   nothing written later, by Python threads or C++, reaches the real stderr.
     logging.shutdown()
     logging.disable(logging.CRITICAL)
     sys.stdout.flush()
-    sys.stderr.flush()
-    sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (the process ends here)
-    os.write(2, (message + "\n").encode())
+    stderr = os.dup(2)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+    os.write(stderr, (message + "\n").encode())
     os._exit(exit_code)
 
 
