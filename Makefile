@@ -2,6 +2,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
+# Test processes (pytest-xdist). The suite's long tests mostly wait on child runs, compilers and disk, so two
+# workers keep both cores of a small CI machine busy; each test file stays in one worker (--dist loadfile), so
+# its module fixtures (the end-to-end runs) are built once. TEST_WORKERS=0 runs in this process.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-fast install clean-demo
 
@@ -19,10 +23,10 @@ demo: $(VENV)/.installed-sample
 	$(PY) -m dailymae_jax.main --config=configs/mae_demo.py --workdir=$(WORKDIR)
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(VENV)/.installed-test
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 clean-demo:
 	rm -rf $(WORKDIR)
