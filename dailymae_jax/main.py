@@ -94,17 +94,20 @@ def _fail(message: str, exit_code: int, *, hard: bool = False) -> NoReturn:
     # A hard exit skips interpreter shutdown (background threads may be stuck). Those threads can still print
     # (e.g. orbax's async saver, a traceback from its closed event loop), so the message must stay the run's
     # last line, and a line of its own:
-    # - sys.stderr is not flushed: it is line-buffered, so all it can hold is an unfinished line, and that
-    #   line is another thread's (Python prints a thread's traceback in pieces; flushing one glued it to the
-    #   message, seen under load);
-    # - file descriptor 2 is pointed at /dev/null before the message goes out through a copy of it, so that
-    #   nothing written later, by Python threads or C++, reaches the real stderr.
+    # - it starts with a line break: Python writes a traceback in pieces, straight through to the file (stderr
+    #   is not buffered), so another thread may have left half a line there (seen under load: the message
+    #   was glued to "raise RuntimeError('Event loop is closed')");
+    # - file descriptors 1 and 2 are pointed at /dev/null before the message goes out through a copy of 2, so
+    #   that nothing written later, by Python threads or C++, reaches the real stdout or stderr.
     logging.shutdown()
     logging.disable(logging.CRITICAL)
     sys.stdout.flush()
+    sys.stderr.flush()
     stderr = os.dup(2)
-    os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-    os.write(stderr, (message + "\n").encode())
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    os.write(stderr, ("\n" + message + "\n").encode())
     os._exit(exit_code)
 
 
