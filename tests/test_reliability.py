@@ -243,7 +243,6 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(runs):
         np.testing.assert_array_equal(params[key], value, err_msg=key)
 
 
-
 HARD_FAIL = """
 import sys
 from dailymae_jax import main
