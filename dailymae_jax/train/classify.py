@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from dailymae_jax import config as config_lib
+from dailymae_jax import distributed
 from dailymae_jax import evaluate as evaluate_lib
 from dailymae_jax import report
 from dailymae_jax.checkpoint import Checkpointer, DataPosition, abstract_with_shardings
@@ -144,6 +145,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, build_parts: Bui
     counter = compile_lib.CompilationCounter()
     loop = _Loop(config, executables, eval_executables, eval_loaders, checkpointer, writer, steps_per_epoch,
                  config_lib.to_dict(config))
+    distributed.barrier("training")  # processes leave compilation at different times; start together
     with counter:
         state = loop.run(state, loader.batches(position.epoch, position.step_in_epoch, epochs), epochs)
     if loop.last_eval is None:  # a finished run resumed without its summary: evaluate the final state

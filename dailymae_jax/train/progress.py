@@ -105,7 +105,11 @@ class Progress:
     def warm_up(self, sharding: jax.sharding.Sharding) -> None:
         """Compiles the accumulation for metrics placed like the step's (``sharding``) before training starts,
         so that bookkeeping never shows up as a compilation during training."""
-        zeros = {name: jax.device_put(jnp.zeros((), jnp.float32), sharding) for name in _METRIC_NAMES}
+        # Made on device rather than device_put: in a multi-process run, device_put of a host value checks
+        # with a cross-process collective that every process passed the same one, and on CPU a collective's
+        # first use gives up after 30 s, which a process still compiling its steps exceeds.
+        zeros = jax.jit(lambda: {name: jnp.zeros((), jnp.float32) for name in _METRIC_NAMES},
+                        out_shardings=sharding)()
         self.add(zeros, images=0, data_wait_seconds=0.0)
         self.add(zeros, images=0, data_wait_seconds=0.0)
         jax.block_until_ready(_compute(self.metrics))

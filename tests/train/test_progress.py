@@ -1,9 +1,13 @@
 """Progress reports: window means via clu.metrics, ETA, MFU and the data-bound warning."""
 
+import subprocess
+import sys
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import REPO, cpu_env
 from dailymae_jax.train.progress import Progress, Window, format_duration
 
 
@@ -50,3 +54,47 @@ def test_data_bound_warning_threshold():
 @pytest.mark.parametrize("seconds, text", [(42, "42s"), (760, "12m40s"), (11100, "3h05m"), (-3, "0s")])
 def test_format_duration(seconds, text):
     assert format_duration(seconds) == text
+
+
+
+# Two processes of one device each. Process 1 stands for one still compiling its steps: it reaches the warm-up 40 s
+# after process 0, longer than XLA's CPU collectives wait for a peer at their first use (30 s, not configurable).
+SKEWED_START = """
+import sys, time
+import jax, jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from dailymae_jax import distributed
+from dailymae_jax.train.progress import Progress
+
+process_id, address = int(sys.argv[1]), sys.argv[2]
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(address, num_processes=2, process_id=process_id, initialization_timeout=120)
+mesh = Mesh(jax.devices(), ("data",))  # starting the backends waits for every process: skew comes after
+if process_id == 1:
+    time.sleep(40)
+Progress(total_steps=1, device_kind="cpu").warm_up(NamedSharding(mesh, P()))
+distributed.barrier("training")
+x = jax.jit(lambda: jnp.ones(2), out_shardings=NamedSharding(mesh, P("data")))()
+print("total", float(jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(x)))
+"""
+
+
+@pytest.mark.slow
+def test_warm_up_waits_for_a_process_that_is_still_compiling():
+    # In CI (test_killing_one_process_ends_the_other), process 0's warm-up made a cross-process collective before
+    # the pre-training barrier (device_put checks that every process passed the same value) and gave up after
+    # 30 s while process 1 was still compiling. Warm-up must make no collective; the barrier does the waiting.
+    sys.path.insert(0, str(REPO / "tools"))
+    from launch_local import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    processes = [subprocess.Popen([sys.executable, "-c", SKEWED_START, str(i), address], cwd=REPO, env=cpu_env(),
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+    try:
+        outputs = [p.communicate(timeout=150) for p in processes]  # about 45 s when it works
+    except subprocess.TimeoutExpired:
+        for process in processes:
+            process.kill()
+        outputs = [p.communicate() for p in processes]
+    for process, (out, err) in zip(processes, outputs):
+        assert process.returncode == 0 and "total 2.0" in out, err[-3000:]
