@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import flax.linen as nn
@@ -20,24 +21,34 @@ def reconstruct(model: nn.Module, params, images_u8: np.ndarray, *, mask_ratio: 
     With norm_pix_loss the decoder predicts per-patch normalised pixels; they are mapped back with each
     target patch's own mean and standard deviation, the inverse of the training target.
     """
-    images = augment.normalize(jnp.asarray(images_u8))
-    n, h, w, _ = images.shape
+    images_u8 = np.asarray(images_u8)
+    n, h, w, _ = images_u8.shape
+    noise = jax.random.uniform(rng, (n, (h // model.patch) * (w // model.patch)))
+    pictures = jax.device_get(_reconstruct(model, params, jnp.asarray(images_u8), noise, float(mask_ratio)))
+    return {"original": images_u8, **pictures}
+
+
+# One compiled program per (model, image shape, mask ratio). Run op by op, the model compiled each of its
+# operations (92 programs for a 2-block test model) at every new resolution, and the demo's training paused
+# 6-7 s at each reconstruction, 1.6-2.2 s now (docs/PERFORMANCE.md).
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _reconstruct(model: nn.Module, params, images_u8: jax.Array, noise: jax.Array,
+                 mask_ratio: float) -> dict[str, jax.Array]:
+    images = augment.normalize(images_u8)
+    _, h, w, _ = images.shape
     p = model.patch
     grid = (h // p, w // p)
-    noise = jax.random.uniform(rng, (n, grid[0] * grid[1]))
     out = model.apply({"params": params}, images, noise, mask_ratio)
     pred = out.pred.astype(jnp.float32)
+    patches = patchify(images, p)
     if model.norm_pix_loss:
-        target = patchify(images, p)
-        mean = target.mean(-1, keepdims=True)
-        std = jnp.sqrt(target.var(-1, ddof=1, keepdims=True) + 1e-6)
+        mean = patches.mean(-1, keepdims=True)
+        std = jnp.sqrt(patches.var(-1, ddof=1, keepdims=True) + 1e-6)
         pred = pred * std + mean
     removed = out.mask[:, :, None]  # 1 = removed
-    patches = patchify(images, p)
-    as_image = lambda x: np.asarray(augment.denormalize(unpatchify(x, p, *grid)))
+    as_image = lambda x: augment.denormalize(unpatchify(x, p, *grid))
     gray = jnp.zeros_like(patches)  # 0 in normalised space: the dataset's mean colour
     return {
-        "original": np.asarray(images_u8),
         "masked": as_image(jnp.where(removed, gray, patches)),
         "reconstruction": as_image(pred),
         "pasted": as_image(jnp.where(removed, pred, patches)),
