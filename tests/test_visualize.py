@@ -51,7 +51,7 @@ def test_one_compiled_program_per_image_shape(mae, photo_batch):
     images = photo_batch[:, :48, :48]  # a shape no other test used
     with CompilationCounter() as counter:
         visualize.reconstruct(model, params, images, mask_ratio=0.5, rng=jax.random.PRNGKey(3))
-    assert counter.count <= 3, counter.count  # the model's program, and the noise and input transfers at most
+    assert counter.count <= 5, counter.count  # the model's program and the noise's (3 with jax 0.10); op by op: 92
     with CompilationCounter() as counter:
         visualize.reconstruct(model, params, images[::-1], mask_ratio=0.5, rng=jax.random.PRNGKey(4))
     assert counter.count == 0
