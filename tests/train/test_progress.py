@@ -10,6 +10,9 @@ import pytest
 from conftest import REPO, cpu_env
 from dailymae_jax.train.progress import Progress, Window, format_duration
 
+sys.path.insert(0, str(REPO / "tools"))  # tools/ is not a package on the path
+from launch_local import free_port  # noqa: E402
+
 
 def step_metrics(loss, lr):
     return {"loss": jnp.float32(loss), "grad_norm": jnp.float32(2 * loss), "probe_loss": jnp.float32(1.0),
@@ -56,7 +59,6 @@ def test_format_duration(seconds, text):
     assert format_duration(seconds) == text
 
 
-
 # Two processes of one device each. Process 1 stands for one still compiling its steps: it reaches the warm-up 40 s
 # after process 0, longer than XLA's CPU collectives wait for a peer at their first use (30 s, not configurable).
 SKEWED_START = """
@@ -84,9 +86,6 @@ def test_warm_up_waits_for_a_process_that_is_still_compiling():
     # In CI (test_killing_one_process_ends_the_other), process 0's warm-up made a cross-process collective before
     # the pre-training barrier (device_put checks that every process passed the same value) and gave up after
     # 30 s while process 1 was still compiling. Warm-up must make no collective; the barrier does the waiting.
-    sys.path.insert(0, str(REPO / "tools"))
-    from launch_local import free_port
-
     address = f"127.0.0.1:{free_port()}"
     processes = [subprocess.Popen([sys.executable, "-c", SKEWED_START, str(i), address], cwd=REPO, env=cpu_env(),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
