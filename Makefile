@@ -7,6 +7,7 @@ WORKDIR ?= runs/demo
 # machine busy. Each test file stays in one worker (--dist loadfile), so its module fixtures (the end-to-end
 # runs) are built once. TEST_WORKERS=0 runs the tests in pytest's own process.
 TEST_WORKERS ?= 2
+PYTEST = $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: demo test test-fast install clean-demo
 
@@ -24,10 +25,10 @@ demo: $(VENV)/.installed-sample
 	$(PY) -m dailymae_jax.main --config=configs/mae_demo.py --workdir=$(WORKDIR)
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PYTEST)
 
 test-fast: $(VENV)/.installed-test
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+	$(PYTEST) -m "not slow"
 
 clean-demo:
 	rm -rf $(WORKDIR)

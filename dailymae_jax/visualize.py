@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dailymae_jax import augment, report
-from dailymae_jax.model.mae import patchify, unpatchify
+from dailymae_jax.model.mae import patch_mean_std, patchify, unpatchify
 
 
 def reconstruct(model: nn.Module, params, images_u8: np.ndarray, *, mask_ratio: float,
@@ -42,8 +42,7 @@ def _reconstruct(model: nn.Module, params, images_u8: jax.Array, noise: jax.Arra
     pred = out.pred.astype(jnp.float32)
     patches = patchify(images, p)
     if model.norm_pix_loss:
-        mean = patches.mean(-1, keepdims=True)
-        std = jnp.sqrt(patches.var(-1, ddof=1, keepdims=True) + 1e-6)
+        mean, std = patch_mean_std(patches)  # the target's own statistics, undone
         pred = pred * std + mean
     removed = out.mask[:, :, None]  # 1 = removed
     as_image = lambda x: augment.denormalize(unpatchify(x, p, *grid))

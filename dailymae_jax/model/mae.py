@@ -95,12 +95,18 @@ def random_masking(x: jax.Array, mask_ratio: float, noise: jax.Array
     return x_kept, mask, ids_restore
 
 
+def patch_mean_std(patches: jax.Array, eps: float = 1e-6) -> tuple[jax.Array, jax.Array]:
+    """Each patch's mean and unbiased std (as torch's .var() in MAE), the statistics of the norm-pix target."""
+    mean = patches.mean(axis=-1, keepdims=True)
+    var = patches.var(axis=-1, ddof=1, keepdims=True)
+    return mean, (var + eps) ** 0.5
+
+
 def norm_pix_target(images: jax.Array, patch: int, eps: float = 1e-6) -> jax.Array:
     """Patches normalised by their own mean and unbiased std (as torch's .var() in MAE)."""
     target = patchify(images.astype(jnp.float32), patch)
-    mean = target.mean(axis=-1, keepdims=True)
-    var = target.var(axis=-1, ddof=1, keepdims=True)
-    return (target - mean) / (var + eps) ** 0.5
+    mean, std = patch_mean_std(target, eps)
+    return (target - mean) / std
 
 
 def mae_loss(pred: jax.Array, target: jax.Array, mask: jax.Array) -> jax.Array:
