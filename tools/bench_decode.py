@@ -13,6 +13,11 @@ loader draws), it times these stages per image (thread CPU time, median over --r
   crop_decode_only         the same call stopped before resampling
   resample_only            the resampler alone, on the crop's pixels already decoded at the DCT scale the
                            kernel picks (1/1, 1/2, 1/4 or 1/8 of the crop)
+  resample_pil_bicubic     PIL's bicubic on the same pixels as resample_only, to R x R (antialiased: the
+                           reference decode_crop is tested against)
+  resample_cv2_cubic       OpenCV's cubic and linear on the same pixels: a fixed 4 and 2 taps, no antialiasing
+  resample_cv2_linear      (aliasing where the crop is larger than the output; the least work a resize does)
+  resample_cv2_area        OpenCV's area averaging on the same pixels (ffcv_stock's resize); OpenCV on one thread
   entropy_to_crop_bottom   Huffman decoding of every MCU down to the crop's last row (a 1x1 box there, full
                            DCT scale, no splicing, libjpeg's Huffman decoder): what libjpeg cannot skip in a
                            file without restart markers or crop index
@@ -42,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 STAGES = ("crop", "crop_rgb_rows", "crop_no_index", "crop_libjpeg_huffman", "crop_decode_only", "resample_only",
+          "resample_pil_bicubic", "resample_cv2_cubic", "resample_cv2_linear", "resample_cv2_area",
           "entropy_to_crop_bottom", "entropy_whole_file", "full_decode", "bound_decode")
 
 
@@ -55,6 +61,7 @@ def _time_per_image(run, items) -> float:
 def measure(records: list[np.ndarray], res: int, rounds: int, scale, ratio, seed: int,
             quality: int) -> dict[str, float]:
     """Median ms per image of every stage at output size ``res``."""
+    import cv2
     from PIL import Image, JpegImagePlugin
 
     from dailymae_jax.data import jpeg_crop
@@ -86,6 +93,13 @@ def measure(records: list[np.ndarray], res: int, rounds: int, scale, ratio, seed
     no_index, libjpeg = jpeg_crop.NO_INDEX, jpeg_crop.NO_INDEX | jpeg_crop.LIBJPEG_HUFFMAN
 
     checked = jpeg_crop.check_result
+    cv2.setNumThreads(1)  # one thread, like the kernel (thread CPU time would miss a pool's work)
+    scaled_images = [(Image.fromarray(c),) for _, _, c in pixels]
+
+    def opencv(interpolation):
+        return (lambda c: cv2.resize(c, (res, res), dst=out, interpolation=interpolation),
+                [(c,) for _, _, c in pixels])
+
     calls = {
         "crop": (lambda d, b: checked(jpeg_crop.decode_into(d, *b, out, 0)), list(zip(records, boxes))),
         "crop_rgb_rows": (lambda d, b: checked(jpeg_crop.decode_into(d, *b, out, jpeg_crop.RGB_ROWS)),
@@ -99,6 +113,10 @@ def measure(records: list[np.ndarray], res: int, rounds: int, scale, ratio, seed
         "resample_only": (lambda c: checked(jpeg_crop.resize_into(c, c.shape[0], c.shape[1], 0, 0, c.shape[0],
                                                                   c.shape[1], out, 0)),
                           [(c,) for _, _, c in pixels]),
+        "resample_pil_bicubic": (lambda image: image.resize((res, res), Image.BICUBIC), scaled_images),
+        "resample_cv2_cubic": opencv(cv2.INTER_CUBIC),
+        "resample_cv2_linear": opencv(cv2.INTER_LINEAR),
+        "resample_cv2_area": opencv(cv2.INTER_AREA),
         "entropy_to_crop_bottom": (lambda d, b: checked(jpeg_crop.decode_into(d, b[0] + b[2] - 1, b[1], 1, 1,
                                                                               tiny, entropy)),
                                    list(zip(records, boxes))),
