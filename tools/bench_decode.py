@@ -16,7 +16,8 @@ loader draws), it times these stages per image (thread CPU time, median over --r
   resample_pil_bicubic     PIL's bicubic on the same pixels as resample_only, to R x R (antialiased: the
                            reference decode_crop is tested against)
   resample_cv2_cubic       OpenCV's cubic and linear on the same pixels: a fixed 4 and 2 taps, no antialiasing
-  resample_cv2_linear      (aliasing where the crop is larger than the output; the least work a resize does)
+  resample_cv2_linear      (they alias where the crop is larger than the output); linear is about the least
+                           work any resize does
   resample_cv2_area        OpenCV's area averaging on the same pixels (ffcv_stock's resize); OpenCV on one thread
   entropy_to_crop_bottom   Huffman decoding of every MCU down to the crop's last row (a 1x1 box there, full
                            DCT scale, no splicing, libjpeg's Huffman decoder): what libjpeg cannot skip in a
