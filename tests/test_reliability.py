@@ -244,12 +244,19 @@ def test_full_disk_during_a_save_keeps_the_previous_checkpoint(runs):
 
 
 HARD_FAIL = """
-import sys
+import os, sys
 from dailymae_jax import main
 print("trained 7 steps")
 # What a dying orbax thread printed (Python writes tracebacks in pieces): half a line at the end.
 sys.stderr.write("  File 'orbax', line 1\\n")
 sys.stderr.write("    raise RuntimeError('Event loop is closed')")
+# And what such a thread prints after the message, before the process is gone.
+exit_now = os._exit
+def print_late_then_exit(code):
+    print("late line", file=sys.stderr, flush=True)
+    print("late line", flush=True)
+    exit_now(code)
+os._exit = print_late_then_exit
 main._fail("error: saving checkpoint 7 failed", 1, hard=True)
 """
 
