@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -14,11 +15,21 @@ from PIL import Image
 
 
 def write_json(path: str | Path, payload: Any) -> None:
-    """Writes JSON atomically (temporary file, then rename): a reader never sees half a file."""
+    """Writes JSON atomically (see :func:`write_text_atomically`)."""
+    write_text_atomically(path, json.dumps(payload, indent=2, sort_keys=True, default=_jsonable) + "\n")
+
+
+def write_text_atomically(path: str | Path, text: str) -> None:
+    """Writes ``text`` to a temporary file beside ``path``, then renames it onto ``path``: a reader never sees
+    half a file, and a failed write leaves the old file (if any) and no temporary file behind."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=_jsonable) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
 
 
 def _jsonable(value: Any) -> Any:

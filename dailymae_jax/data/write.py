@@ -29,6 +29,7 @@ import numpy as np
 
 from dailymae_jax.data.beton import jpeg_encoding, page_size_for, write_indexed
 from dailymae_jax.data.sources import ImageFolderSource, ImageSource
+from dailymae_jax.report import write_text_atomically
 
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
 CHROMA_SUBSAMPLINGS = ("420", "444")
@@ -204,16 +205,6 @@ class ReportError(OSError):
     """The .beton was written and renamed into place, but its report could not be saved."""
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
 def write_beton(source: str | Path | ImageSource, out_path: str | Path, *,
                 max_resolution: int = RECIPE_MAX_RESOLUTION, jpeg_quality: int = RECIPE_JPEG_QUALITY,
                 num_workers: int = 2, write_mode: str = "jpg", smart_threshold: int | None = None,
@@ -292,7 +283,7 @@ def write_beton(source: str | Path | ImageSource, out_path: str | Path, *,
         seconds=round(time.perf_counter() - start, 3), file_bytes=out_path.stat().st_size,
     )
     try:
-        _write_atomically(report_path(out_path), report.to_json())
+        write_text_atomically(report_path(out_path), report.to_json())
     except OSError as exc:
         raise ReportError(f"{out_path} was written ({report.num_written} images), but its report could not be "
                           f"saved to {report_path(out_path)}: {exc}") from exc
