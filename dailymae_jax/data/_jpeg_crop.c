@@ -127,7 +127,7 @@ static void free_thread_state(void *state) {
     dm_buffer *buffers[] = {&t->splice, &t->segments, &t->scanline, &t->kernels, &t->ring, &t->columns,
                             &t->outputs, &t->bytes};
     for (size_t i = 0; i < sizeof(buffers) / sizeof(buffers[0]); i++) free(buffers[i]->data);
-    free(t->entropy);
+    dm_entropy_free(t->entropy);
     free(t);
 }
 
@@ -903,7 +903,7 @@ static int decode_region_unguarded(dm_thread *t, const dm_request *q) {
     if (!(q->flags & DM_LIBJPEG_HUFFMAN)) {
         int has_index = !(q->flags & DM_NO_INDEX) && dm_index_find(q->data, q->size, &index);
         indexed = dm_entropy_install(&t->entropy, cinfo, has_index ? &index : NULL, (int)xoffset,
-                                     crop_width < (JDIMENSION)scaled_w ? (int)crop_width : 0) == 2;
+                                     crop_width < (JDIMENSION)scaled_w ? (int)crop_width : 0, y1) == 2;
     }
     uint8_t *row = (uint8_t *)reserve(&t->scanline, (size_t)cinfo->output_width * 3 + 128);
     if (!row) return DM_ERR_NOMEM;

@@ -39,10 +39,15 @@ int dm_index_find(const uint8_t *data, size_t size, dm_index *index);
  * row is read) for a single-scan baseline Huffman JPEG. With an index (may be NULL) and no restart markers, the
  * MCUs libjpeg will not use are never decoded: those beside the columns it outputs (output pixels
  * [xoffset, xoffset + width) at the DCT scale, as jpeg_crop_scanline set them; width 0: all columns) and those
- * it discards (rows jpeg_skip_scanlines skips). Returns 2 if installed with the index, 1 if installed without
- * (none given, or one that does not fit the file), 0 if the file is one libjpeg must decode itself. *entropy is allocated on first use; free it with free(). */
+ * it discards (rows jpeg_skip_scanlines skips); rows_end (> 0: the output row, at the DCT scale, past the last
+ * one that will be read) lets it decode the rows it uses two at a time, which is faster. Returns 2 if installed
+ * with the index, 1 if installed without (none given, or one that does not fit the file), 0 if the file is one
+ * libjpeg must decode itself. *entropy is allocated on first use; free it with dm_entropy_free(). */
 int dm_entropy_install(dm_entropy **entropy, j_decompress_ptr cinfo, const dm_index *index, int xoffset,
-                       int width);
+                       int width, int rows_end);
+
+/* Frees what dm_entropy_install allocated (NULL is fine). */
+void dm_entropy_free(dm_entropy *entropy);
 
 /* Copy of the JPEG `src` with a crop index (an entry every `spacing` pixels of an MCU row, rounded down to whole
  * MCUs, at least one; more where the index would not fit one segment) into dst (capacity cap; size + 65540 is always enough). Returns the new size; 0 if

@@ -153,6 +153,41 @@ def test_crop_index_decodes_exactly_what_libjpeg_decodes(photos, kind, spacing):
             assert info[4] == 0
 
 
+@pytest.mark.parametrize("kind", ["420", "444"])
+def test_rows_decoded_in_pairs_match_libjpeg_for_every_row_count(photos, kind):
+    # With the index, the crop's MCU rows are Huffman-decoded two at a time (the second row's coefficients held
+    # until libjpeg asks for them); a crop of an odd number of rows ends with one row on its own. Crops of
+    # 1-6 MCU rows, starting on and off an MCU row, down to the image's last row, starting mid-row between
+    # index entries: libjpeg's pixels, bit for bit.
+    rgb = photos[2]  # 497 x 331: a partial last MCU row and column
+    data = _encode(rgb, kind)
+    indexed = add_crop_index(data, 48)
+    mcu = 16 if kind == "420" else 8
+    height, width = rgb.shape[:2]
+    for rows in range(1, 7):
+        for top in (0, mcu * 3, mcu * 3 + 5, height - rows * mcu):
+            for left, w in ((0, width), (70, 90), (width - 40, 40)):
+                box, out = (top, left, rows * mcu, w), (40, 40)
+                for flags in (NO_DCT_SCALING, 0):
+                    np.testing.assert_array_equal(decode_crop(indexed, box, out, flags=flags),
+                                                  decode_crop(data, box, out, flags=flags | LIBJPEG_HUFFMAN),
+                                                  err_msg=f"box {box}, flags {flags}")
+    # Corrupt data (a marker in the middle of the scan; the file keeps its size, so the index stays valid) fails
+    # a pair whose second row holds it, and no pair above: rows past the crop's last are never read.
+    scan = indexed.index(b"\xff\xda")
+    cut = scan + (len(indexed) - scan) // 2
+    broken = indexed[:cut] + b"\xff\xd9" + indexed[cut + 2:]
+    def fails(first_row: int, rows: int) -> bool:
+        try:
+            decode_crop(broken, (first_row * mcu, 0, min(rows * mcu, height - first_row * mcu), width), (32, 32))
+        except ValueError as error:
+            assert str(error).startswith("decode_crop: cannot decode JPEG"), error
+            return True
+        return False
+    bad = next(r for r in range(-(-height // mcu)) if fails(r, 1))  # single rows: not paired
+    assert 2 <= bad and fails(bad - 1, 2) and not fails(bad - 2, 2)
+
+
 def test_crop_index_is_not_added_where_it_cannot_be_used_and_bad_data_is_named(photos):
     with_markers = _encode(photos[0], "420", restart_interval=1)
     assert add_crop_index(with_markers) == with_markers
