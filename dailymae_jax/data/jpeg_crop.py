@@ -52,9 +52,12 @@ def _load_library() -> ctypes.CDLL:
 
 _lib = _load_library()
 
+# dm_decode_crop(data, size, top, left, height, width, dst, out_h, out_w, flags, info) -> int32
+DECODE_CROP_ARGTYPES = [c_void_p, c_uint64, c_int32, c_int32, c_int32, c_int32, c_void_p, c_int32, c_int32, c_int32,
+                        c_void_p]
+
 _decode_c = _lib.dm_decode_crop
-_decode_c.argtypes = [c_void_p, c_uint64, c_int32, c_int32, c_int32, c_int32, c_void_p, c_int32, c_int32, c_int32,
-                      c_void_p]
+_decode_c.argtypes = DECODE_CROP_ARGTYPES
 _decode_c.restype = c_int32
 
 _resize_c = _lib.dm_resize_crop
