@@ -177,6 +177,7 @@ def test_rows_decoded_in_pairs_match_libjpeg_for_every_row_count(photos, kind):
     scan = indexed.index(b"\xff\xda")
     cut = scan + (len(indexed) - scan) // 2
     broken = indexed[:cut] + b"\xff\xd9" + indexed[cut + 2:]
+
     def fails(first_row: int, rows: int) -> bool:
         try:
             decode_crop(broken, (first_row * mcu, 0, min(rows * mcu, height - first_row * mcu), width), (32, 32))
@@ -184,6 +185,7 @@ def test_rows_decoded_in_pairs_match_libjpeg_for_every_row_count(photos, kind):
             assert str(error).startswith("decode_crop: cannot decode JPEG"), error
             return True
         return False
+
     bad = next(r for r in range(-(-height // mcu)) if fails(r, 1))  # single rows: not paired
     assert 2 <= bad and fails(bad - 1, 2) and not fails(bad - 2, 2)
 
