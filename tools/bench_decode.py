@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import math
 import statistics
 import sys
 import time
@@ -65,25 +64,22 @@ def measure(records: list[np.ndarray], res: int, rounds: int, scale, ratio, seed
     import cv2
     from PIL import Image, JpegImagePlugin
 
-    from dailymae_jax.data import jpeg_crop
-    from dailymae_jax.data.decode import random_resized_crop_box
+    from bench_loader import loader_boxes
 
-    np.random.seed(seed)  # random_resized_crop_box is numba code: it draws from numba's copy of numpy's generator
-    pixels, boxes, bounds = [], [], []
-    for data in records:
+    from dailymae_jax.data import jpeg_crop
+
+    boxes = loader_boxes(records, scale, ratio, seed)
+    pixels, bounds = [], []
+    for data, (top, left, h, w) in zip(records, boxes):
         with Image.open(io.BytesIO(data.tobytes())) as image:
             sampling = JpegImagePlugin.get_sampling(image)
             rgb = np.asarray(image.convert("RGB"))
-        box = random_resized_crop_box(rgb.shape[0], rgb.shape[1], scale[0], scale[1], math.log(ratio[0]),
-                                      math.log(ratio[1]))
-        top, left, h, w = box
         crop = Image.fromarray(rgb[top:top + h, left:left + w])
         d = jpeg_crop.dct_scale_denominator(h, w, res, res)
         scaled = crop.reduce(d) if d > 1 else crop  # the resampler's input size
         small = io.BytesIO()
         crop.resize((res, res), Image.BICUBIC).save(small, "JPEG", quality=quality, subsampling=sampling)
         pixels.append((rgb.shape[0], rgb.shape[1], np.ascontiguousarray(np.asarray(scaled))))
-        boxes.append(box)
         bounds.append(np.frombuffer(small.getvalue(), np.uint8))
 
     out = np.empty((res, res, 3), np.uint8)

@@ -8,12 +8,12 @@ A build of another commit, for --a:
     git worktree add /tmp/base COMMIT && (cd /tmp/base && python setup.py -q build_ext --inplace)
     # --a /tmp/base/dailymae_jax/data/_jpeg_crop.cpython-311-x86_64-linux-gnu.so
 
-For the first --images JPEG records and the loader's RandomResizedCrop box for each (seeded), both builds'
-``dm_decode_crop`` decode every box to R x R with --flags (0: what the loader runs; 64: decoding only). Rounds
-alternate which build goes first; each round times all records once per build (thread CPU time). Reported per
-size: the median ms per image of each build, their ratio A/B (above 1: B is faster), the median of the rounds'
-own ratios, and whether both builds gave the same pixels for every record (null with DECODE_ONLY, which leaves
-the output untouched). Small kernel changes are a few percent: compare builds in one run, never across runs.
+For the first --images JPEG records and the loader's RandomResizedCrop box for each (--scale/--ratio, seeded),
+both builds' ``dm_decode_crop`` decode every box to R x R with --flags (0: what the loader runs; 64: decoding
+only). Rounds alternate which build goes first; each round times all records once per build (thread CPU time).
+Reported per size: the median ms per image of each build, their ratio A/B (above 1: B is faster), the median of
+the rounds' own ratios, and whether both builds gave the same pixels for every record (null with DECODE_ONLY,
+which leaves the output untouched). Small kernel changes are a few percent: compare builds in one run, never across runs.
 Output JSON: {"results": [{"res", "a_ms", "b_ms", "a_over_b", "paired_median", "identical"}], "settings": {...}}.
 """
 
@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import io
 import json
-import math
 import statistics
 import sys
 import time
@@ -45,19 +43,10 @@ def _bind(path: str):
     return function
 
 
-def compare(builds: list, records: list[np.ndarray], res: int, rounds: int, flags: int, seed: int) -> dict:
+def compare(builds: list, records: list[np.ndarray], boxes: list, res: int, rounds: int, flags: int) -> dict:
     """Median ms per image of each build at output size ``res``, and whether their pixels agree."""
-    from PIL import Image
-
-    from dailymae_jax.data.decode import random_resized_crop_box
     from dailymae_jax.data.jpeg_crop import DECODE_ONLY
 
-    np.random.seed(seed)  # numba's copy of numpy's generator draws the boxes
-    boxes = []
-    for data in records:
-        with Image.open(io.BytesIO(data.tobytes())) as image:
-            width, height = image.size
-        boxes.append(random_resized_crop_box(height, width, 0.2, 1.0, math.log(3 / 4), math.log(4 / 3)))
     outputs = [np.empty((res, res, 3), np.uint8) for _ in builds]
 
     def decode(i: int, data: np.ndarray, box) -> None:
@@ -98,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=300, help="JPEG records to use (the first ones)")
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--flags", type=int, default=0, help="dm_decode_crop flags (data/jpeg_crop.py)")
+    parser.add_argument("--scale", type=float, nargs=2, default=(0.2, 1.0))
+    parser.add_argument("--ratio", type=float, nargs=2, default=(3 / 4, 4 / 3))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", required=True, type=Path)
     args = parser.parse_args(argv)
@@ -111,14 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, AttributeError) as error:  # not a shared library, or not the kernel
         parser.error(f"cannot load a kernel build: {error}")
 
-    from bench_loader import jpeg_records
+    from bench_loader import jpeg_records, loader_boxes
 
     records = jpeg_records(args.beton, args.images)
     if not records:
         parser.error(f"--beton: {args.beton} has no JPEG-encoded images")
+    boxes = loader_boxes(records, tuple(args.scale), tuple(args.ratio), args.seed)
     results = []
     for res in args.res:
-        row = compare(builds, records, res, args.rounds, args.flags, args.seed)
+        row = compare(builds, records, boxes, res, args.rounds, args.flags)
         results.append(row)
         print(f"{res:4d} px  A {row['a_ms']:.4f} ms  B {row['b_ms']:.4f} ms  A/B {row['a_over_b']:.3f} "
               f"(paired {row['paired_median']:.3f})  identical {row['identical']}", file=sys.stderr, flush=True)

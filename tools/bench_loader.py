@@ -120,6 +120,26 @@ def jpeg_records(beton: str, count: int) -> list[np.ndarray]:
     return out
 
 
+def loader_boxes(records: list[np.ndarray], scale: tuple[float, float], ratio: tuple[float, float],
+                 seed: int) -> list[tuple[int, int, int, int]]:
+    """One RandomResizedCrop box (top, left, height, width) per JPEG record, drawn as crop_decode's loader draws
+    them (the kernel benchmarks time the loader's own boxes)."""
+    import math
+
+    from PIL import Image
+
+    from dailymae_jax.data.decode import random_resized_crop_box
+
+    np.random.seed(seed)  # random_resized_crop_box is numba code: it draws from numba's copy of numpy's generator
+    boxes = []
+    for data in records:
+        with Image.open(io.BytesIO(data.tobytes())) as image:
+            width, height = image.size
+        boxes.append(tuple(random_resized_crop_box(height, width, scale[0], scale[1], math.log(ratio[0]),
+                                                   math.log(ratio[1]))))
+    return boxes
+
+
 def _pil_init(beton: str, res: int, scale: tuple[float, float], ratio: tuple[float, float]) -> None:
     meta, sizes, file = image_records(beton)
     _PIL_STATE.update(file=file, meta=meta, sizes=sizes, res=res, scale=scale, ratio=ratio)
