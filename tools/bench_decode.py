@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import statistics
 import sys
 import time
@@ -154,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench_loader import jpeg_records
 
+    from dailymae_jax.report import write_json
+
     records = jpeg_records(args.beton, args.images)
     if not records:
         parser.error(f"--beton: {args.beton} has no JPEG-encoded images")
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "records": {"count": len(records), "mean_bytes": round(float(np.mean([r.size for r in records])), 1)}}
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
+    write_json(args.json, report)
     return 0
 
 

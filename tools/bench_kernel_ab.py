@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import statistics
 import sys
 import time
@@ -104,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench_loader import jpeg_records, loader_boxes
 
+    from dailymae_jax.report import write_json
+
     records = jpeg_records(args.beton, args.images)
     if not records:
         parser.error(f"--beton: {args.beton} has no JPEG-encoded images")
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"results": results,
               "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
+    write_json(args.json, report)
     return 0
 
 

@@ -603,11 +603,11 @@ def format_table(report: dict[str, Any]) -> str:
 
 
 def write_report(path: Path | None, report: dict[str, Any]) -> None:
+    from dailymae_jax.report import write_json
+
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        tmp.replace(path)
+        write_json(path, report)
 
 
 def resolve_beton(args: argparse.Namespace, config) -> Path:
