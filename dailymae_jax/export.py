@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
+from dailymae_jax import report
 from dailymae_jax.model.mae import encoder_params
 from dailymae_jax.model.vit import sincos_pos_embed_2d
 
@@ -130,18 +131,17 @@ def unwrap_state_dict(obj: Mapping[str, Any]) -> dict[str, np.ndarray]:
 def save_state_dict(state: dict[str, np.ndarray], path: str | Path, *, fmt: str) -> Path:
     """Writes ``.safetensors`` or ``.pth``; the ``mae`` format's .pth is ``{'model': state}``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if path.suffix == ".safetensors":
-        from safetensors.numpy import save_file
-        save_file(state, str(tmp), metadata={"format": fmt, "layout": "pytorch"})
-    elif path.suffix == ".pth":
-        import torch
-        tensors = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
-        torch.save({"model": tensors} if fmt == "mae" else tensors, tmp)
-    else:
+    if path.suffix not in (".safetensors", ".pth"):
         raise ValueError(f"export file {path}: the name must end in .pth or .safetensors")
-    tmp.replace(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with report.atomic_path(path) as tmp:
+        if path.suffix == ".safetensors":
+            from safetensors.numpy import save_file
+            save_file(state, str(tmp), metadata={"format": fmt, "layout": "pytorch"})
+        else:
+            import torch
+            tensors = {k: torch.from_numpy(np.array(v)) for k, v in state.items()}
+            torch.save({"model": tensors} if fmt == "mae" else tensors, tmp)
     return path
 
 
@@ -251,7 +251,6 @@ def save_reference_batch(batch: Mapping[str, np.ndarray], path: str | Path) -> P
     if path.suffix != ".npz":
         raise ValueError(f"reference batch file {path}: the name must end in .npz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, **batch)
-    tmp.replace(path)
+    with report.atomic_path(path) as tmp, open(tmp, "wb") as file:  # a file object: savez adds no suffix
+        np.savez(file, **batch)
     return path

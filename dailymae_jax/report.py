@@ -8,7 +8,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 from PIL import Image
@@ -20,12 +20,20 @@ def write_json(path: str | Path, payload: Any) -> None:
 
 
 def write_text_atomically(path: str | Path, text: str) -> None:
-    """Writes ``text`` to a temporary file beside ``path``, then renames it onto ``path``: a reader never sees
-    half a file, and a failed write leaves the old file (if any) and no temporary file behind."""
+    """Writes ``text`` to ``path`` through :func:`atomic_path`."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer, renamed onto ``path`` when the block completes and removed
+    when it raises: a reader never sees half a file, and a failed write leaves the old file (if any) and no
+    temporary file behind. The temporary is ``.<name>.tmp-<pid>`` (hidden; the pid keeps two writers apart)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        tmp.write_text(text)
+        yield tmp
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):

@@ -1,6 +1,8 @@
 """Export to PyTorch layouts: names and shapes of the contract (RECIPE §6), exact round trips, a plain
 PyTorch forward pass and timm's VisionTransformer (strict key check) reproducing our encoder and classifier."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -106,6 +108,20 @@ def test_bad_names_are_refused(mae, tmp_path):
         export.to_state_dict(mae[1], fmt="onnx", width=D, decoder_width=DD, grid=(4, 4))
     with pytest.raises(ValueError, match=".pth or .safetensors"):
         export.save_state_dict({}, tmp_path / "x.bin", fmt="timm")
+
+
+def test_a_failed_export_keeps_the_old_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    def full_disk(obj, f):  # the file is half written when the disk fills up
+        Path(f).write_bytes(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    path = tmp_path / "timm.pth"
+    path.write_bytes(b"old")
+    with pytest.raises(OSError, match="No space left"):
+        export.save_state_dict({"w": np.zeros(2, np.float32)}, path, fmt="timm")
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["timm.pth"]
 
 
 def as_torch_images(images):

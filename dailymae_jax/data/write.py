@@ -16,10 +16,8 @@ seconds, which callers that only build sample data or parse configs should not p
 
 from __future__ import annotations
 
-import contextlib
 import json
 import multiprocessing
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,7 +27,7 @@ import numpy as np
 
 from dailymae_jax.data.beton import jpeg_encoding, page_size_for, write_indexed
 from dailymae_jax.data.sources import ImageFolderSource, ImageSource
-from dailymae_jax.report import write_text_atomically
+from dailymae_jax.report import atomic_path, write_text_atomically
 
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
 CHROMA_SUBSAMPLINGS = ("420", "444")
@@ -224,7 +222,7 @@ def write_beton(source: str | Path | ImageSource, out_path: str | Path, *,
     of the rows above and the MCUs beside each crop (0: no index; docs/PERFORMANCE.md measures it).
 
     Unreadable items are skipped and listed in the report, which is also saved as
-    ``<out_path>.report.json``. The beton is written to ``<out_path>.tmp-<pid>`` and renamed onto
+    ``<out_path>.report.json``. The beton is written to ``.<name>.tmp-<pid>`` beside it and renamed onto
     ``out_path`` only on success, so a failed run leaves no partial file behind (and an existing
     file untouched). ``progress`` shows img/s and ETA on stderr for both passes.
 
@@ -257,19 +255,12 @@ def write_beton(source: str | Path | ImageSource, out_path: str | Path, *,
                                smart_threshold=smart_threshold, compress_probability=compress_probability),
         "label": IntField(),
     }
-    tmp_path = out_path.with_name(f"{out_path.name}.tmp-{os.getpid()}")
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        with jpeg_encoding(chroma_subsampling, restart_interval, crop_index_spacing):
-            # Small chunks keep workers balanced on small datasets (ffcv's default is 100).
-            write_indexed(tmp_path, fields, _Samples(source, good), num_workers=num_workers,
-                          page_size=page_size_for(largest), chunksize=max(1, min(100, len(good) // (num_workers * 4))),
-                          progress=progress)
-        os.replace(tmp_path, out_path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
-        raise
+    with atomic_path(out_path) as tmp_path, jpeg_encoding(chroma_subsampling, restart_interval, crop_index_spacing):
+        # Small chunks keep workers balanced on small datasets (ffcv's default is 100).
+        write_indexed(tmp_path, fields, _Samples(source, good), num_workers=num_workers,
+                      page_size=page_size_for(largest), chunksize=max(1, min(100, len(good) // (num_workers * 4))),
+                      progress=progress)
 
     labels = [label for _, label in good]
     classes = source.classes or [str(c) for c in range(max(labels) + 1)]
