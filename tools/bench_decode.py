@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append({"res": res, "stage": stage, "ms_per_image": round(ms, 4)})
             print(f"{res:4d} px  {stage:24s} {ms:.3f} ms", file=sys.stderr, flush=True)
     report = {"results": results,
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+              "settings": vars(args),  # write_json writes paths as strings
               "records": {"count": len(records), "mean_bytes": round(float(np.mean([r.size for r in records])), 1)}}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.json, report)

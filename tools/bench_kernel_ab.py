@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{res:4d} px  A {row['a_ms']:.4f} ms  B {row['b_ms']:.4f} ms  A/B {row['a_over_b']:.3f} "
               f"(paired {row['paired_median']:.3f})  identical {row['identical']}", file=sys.stderr, flush=True)
     report = {"results": results,
-              "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
+              "settings": vars(args)}  # write_json writes paths as strings
     args.json.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.json, report)
     return 0
