@@ -30,7 +30,8 @@ def reconstruct(model: nn.Module, params, images_u8: np.ndarray, *, mask_ratio: 
 
 # One compiled program per (model, image shape, mask ratio). Run op by op, the model compiled each of its
 # operations (92 programs for a 2-block test model) at every new resolution, and the demo's training paused
-# 6-7 s at each reconstruction, 1.6-2.2 s now (docs/PERFORMANCE.md).
+# 6-7 s at each reconstruction; 1.6-2.2 s jitted, and 0.3 s now that Pretraining compiles the programs it will
+# need before training (docs/PERFORMANCE.md).
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _reconstruct(model: nn.Module, params, images_u8: jax.Array, noise: jax.Array,
                  mask_ratio: float) -> dict[str, jax.Array]:

@@ -7,10 +7,9 @@ before step 0, and the loop only picks the executable for the current stage.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import jax
 import jax.numpy as jnp
@@ -44,15 +43,6 @@ class CompilationCounter:
 
     def __exit__(self, *exc: Any) -> None:
         self._active = False
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Compilations inside this block are not counted (reporting work done between steps)."""
-        active, self._active = self._active, False
-        try:
-            yield
-        finally:
-            self._active = active
 
 
 def enable_persistent_cache(cache_dir: str) -> None:

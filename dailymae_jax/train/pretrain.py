@@ -147,6 +147,7 @@ class Pretraining:
             global_batch=self.batch_size, resolution_of=lambda b: b[0])
         log.info("compiled %d buckets ahead of time: %s", len(buckets),
                  {f"{r}px/{m}": f"{s:.1f}s" for (r, m), s in self.compile_seconds.items()})
+        self._compile_reconstructions()
 
         self.writer = report.MetricsWriter(self.workdir, enabled=self.is_main)
         self.progress = Progress(total_steps=self.total_steps, flops_per_step={
@@ -234,8 +235,7 @@ class Pretraining:
             if saving_now:
                 self.checkpointer.save(host_step, self.state, self.position, config_lib.to_dict(config))
             if end_of_epoch and self._reconstruction_due(batch.epoch):
-                with self.counter.paused():  # reporting, not training: its one-off compiles don't count
-                    self.save_reconstructions(step=host_step)
+                self.save_reconstructions(step=host_step)  # compiled ahead (_compile_reconstructions)
             if stop_signal:
                 self.checkpointer.wait()
                 raise guards.Interrupted(stop_signal, host_step, str(self.checkpointer.path(host_step)))
@@ -256,6 +256,24 @@ class Pretraining:
         every = self.config.report.reconstruction_every_epochs
         return bool(every) and (epoch + 1) % every == 0 and epoch + 1 < self.epochs
 
+    def _compile_reconstructions(self) -> None:
+        """Compiles the reconstruction program for every (resolution, mask ratio) that the rest of the run
+        draws pictures of between epochs, by running it once on blank images: the jit cache then serves them, so
+        a reconstruction never stalls training on a compilation (the final one, after training, may compile)."""
+        buckets = sorted({schedule_lib.stage_at(self.stages, epoch).bucket
+                          for epoch in range(self.position.epoch, self.epochs) if self._reconstruction_due(epoch)})
+        if not self.is_main or not buckets:
+            return
+        params = jax.device_get(self.state.params)
+        count = self._reconstruction_count()
+        seconds = {}
+        for resolution, mask_ratio in buckets:
+            start = time.perf_counter()
+            self.reconstructions(np.zeros((count, resolution, resolution, 3), np.uint8), mask_ratio=mask_ratio,
+                                 params=params)
+            seconds[f"{resolution}px/{mask_ratio}"] = f"{time.perf_counter() - start:.1f}s"
+        log.info("compiled the reconstruction pictures ahead of time: %s", seconds)
+
     def sample_batch(self) -> tuple[np.ndarray, np.ndarray]:
         """This process's next training batch as numpy (uint8 images at the current stage's resolution, labels).
 
@@ -267,13 +285,20 @@ class Pretraining:
             return next(batches)
 
     def reconstructions(self, images: np.ndarray | None = None, *, mask_ratio: float | None = None,
-                        seed: int | None = None) -> dict[str, np.ndarray]:
-        """Original, masked, reconstructed and pasted uint8 pictures of ``images`` (default: the last batch)."""
+                        seed: int | None = None, params: Any = None) -> dict[str, np.ndarray]:
+        """Original, masked, reconstructed and pasted uint8 pictures of ``images`` (default: the last batch).
+
+        The mask ratio defaults to that of the stage the images were decoded for: the last batch's, or the
+        current stage's for images passed in. ``params`` (host arrays) default to a copy of the state's.
+        """
+        stage = schedule_lib.stage_at(self.stages, min(self.position.epoch, self.epochs - 1))
         if images is None:
             images = self._last_images()
-        stage = schedule_lib.stage_at(self.stages, min(self.position.epoch, self.epochs - 1))
+            if self.last_batch is not None:
+                stage = self.last_batch.stage
         # Host copies: the state's arrays may span every process's devices, and process 0 computes alone here.
-        return visualize.reconstruct(self.model, jax.device_get(self.state.params), images,
+        params = jax.device_get(self.state.params) if params is None else params
+        return visualize.reconstruct(self.model, params, images,
                                      mask_ratio=stage.mask_ratio if mask_ratio is None else mask_ratio,
                                      rng=jax.random.PRNGKey(self.config.seed if seed is None else seed))
 
@@ -289,11 +314,22 @@ class Pretraining:
         self.writer.write_image(step, "reconstructions", grid)
         return path
 
+    def _reconstruction_count(self) -> int:
+        """Pictures per reconstruction: the configured number, at most this process's share of a batch."""
+        return min(self.config.report.num_reconstructions, self.order.local_batch)
+
     def _last_images(self) -> np.ndarray:
-        count = self.config.report.num_reconstructions
-        if self.last_batch is not None:
-            return np.asarray(self.last_batch.images.addressable_data(0))[:count]
-        return self.sample_batch()[0][:count]
+        """The first pictures of this process's share of the last batch (or of the next one, before training)."""
+        count = self._reconstruction_count()
+        if self.last_batch is None:
+            return self.sample_batch()[0][:count]
+        pieces, have = [], 0
+        for shard in sorted(self.last_batch.images.addressable_shards, key=lambda s: s.index[0].start or 0):
+            if have >= count:
+                break
+            pieces.append(np.asarray(shard.data)[:count - have])
+            have += pieces[-1].shape[0]
+        return np.concatenate(pieces)
 
     def summary(self) -> dict[str, Any]:
         stats, losses = self.stats, self.stats.losses
