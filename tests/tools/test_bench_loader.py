@@ -87,6 +87,8 @@ def test_smoke_run_reports_every_loader(sample_beton, tmp_path):
     assert set(rows) == set(LOADERS) and {r["res"] for r in report["results"]} == {32}
     for row in rows.values():
         assert row["img_per_s"] > 0 and row["peak_rss_mb"] > 50 and len(row["epoch_img_per_s"]) == 2
+        assert (row["minor_faults_per_image"] is None) == (row["loader"] == "pil")
+    assert rows["crop_decode"]["minor_faults_per_image"] >= 0 and not report["settings"]["keep_buffers"]
     for other in LOADERS[1:]:
         ratio = report["ratios"][f"crop_decode/{other}@32"]
         assert ratio["speed"] == pytest.approx(rows["crop_decode"]["img_per_s"] / rows[other]["img_per_s"], rel=0.01)
@@ -94,6 +96,23 @@ def test_smoke_run_reports_every_loader(sample_beton, tmp_path):
         assert report["ratios"][f"{variant}/bound@32"]["speed"] == pytest.approx(
             rows[variant]["img_per_s"] / rows["bound"]["img_per_s"], rel=0.01)
     assert report["settings"]["workers"] == 1 and report["machine"]["cores"] >= 1
+
+
+def test_keep_buffers_reuses_the_batch_memory_across_epochs(sample_beton):
+    import numpy as np
+
+    sys.path.insert(0, str(REPO / "tools"))
+    try:
+        from bench_loader import _ffcv_loader
+    finally:
+        sys.path.remove(str(REPO / "tools"))
+    for keep in (False, True):
+        loader = _ffcv_loader("crop_decode", str(sample_beton), 32, 16, 1, (0.2, 1.0), (3 / 4, 4 / 3), 0, keep=keep)
+        # Epoch one's batches stay referenced, so ffcv's fresh allocation for epoch two cannot land on them.
+        first = [images for images, _ in loader]
+        second = [images for images, _ in loader]
+        assert len(first) == len(second) == 7
+        assert any(np.may_share_memory(a, b) for a in first for b in second) == keep
 
 
 def test_report_of_a_run_stopped_between_resolutions():
