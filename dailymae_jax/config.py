@@ -12,10 +12,14 @@ from typing import Any
 import ml_collections
 
 from dailymae_jax.model.vit import SIZES, VitSize
-from dailymae_jax.train.schedule import Stage, preset_stages, validate_stages
+from dailymae_jax.schedule import Stage, preset_stages, validate_stages
 
 TASKS = ("pretrain", "finetune", "linprobe")
 CLASSIFIER_TASKS = ("finetune", "linprobe")
+MODEL_DTYPES = ("float32", "bfloat16")  # model.dtype: the compute dtype (parameters stay float32)
+PROBE_FEATURES = ("visible", "full")  # probe.features of pretraining's online probe
+INIT_SOURCES = ("pretrain", "file", "scratch")  # init.source of a classifier: where its encoder comes from
+INIT_FORMATS = ("mae", "timm")  # init.format of a PyTorch file: official MAE or timm key layout
 
 
 class ConfigError(ValueError):
@@ -86,10 +90,8 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
                           f"{batch // device_count}")
     if config.train.epochs < 1:
         raise ConfigError(f"train.epochs {config.train.epochs} must be ≥ 1")
-    if config.model.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"model.dtype {config.model.dtype!r}; allowed: float32, bfloat16")
-    if config.probe.features not in ("visible", "full"):
-        raise ConfigError(f"probe.features {config.probe.features!r}; allowed: visible, full")
+    _check_choice("model.dtype", config.model.dtype, MODEL_DTYPES)
+    _check_choice("probe.features", config.probe.features, PROBE_FEATURES)
     stages(config)  # validates the schedule
 
 
@@ -109,6 +111,11 @@ def finetune_stages(config: ml_collections.ConfigDict) -> tuple[Stage, ...]:
     except ValueError as error:
         raise ConfigError(str(error)) from None
     return tuple(result)
+
+
+def _check_choice(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} {value!r}; allowed: {', '.join(allowed)}")
 
 
 def _check_range(key: str, value: float, low: float, high: float, *, high_open: bool = False) -> None:
@@ -141,8 +148,6 @@ def _check_process_share(batch: int, process_count: int) -> None:
 def validate_classifier(config: ml_collections.ConfigDict, *, device_count: int | None = None,
                         process_count: int = 1) -> None:
     """Checks for the finetune and linprobe tasks (see validate)."""
-    from dailymae_jax.train.warm_start import FILE_IMPORTERS, SOURCES
-
     data = config.data
     if not data.train_path and not data.sample_dir:
         raise ConfigError("data.train_path: missing; give a .beton file (tools/write_dataset.py makes one) "
@@ -160,14 +165,12 @@ def validate_classifier(config: ml_collections.ConfigDict, *, device_count: int 
     if train.epochs < 1:
         raise ConfigError(f"train.epochs {train.epochs} must be ≥ 1")
     _check_range("train.warmup_epochs", train.warmup_epochs, 0, train.epochs)
-    if config.model.dtype not in ("float32", "bfloat16"):
-        raise ConfigError(f"model.dtype {config.model.dtype!r}; allowed: float32, bfloat16")
+    _check_choice("model.dtype", config.model.dtype, MODEL_DTYPES)
     num_classes = config.model.get("num_classes")
     if num_classes is not None and num_classes < 2:
         raise ConfigError(f"model.num_classes {num_classes} must be ≥ 2 (or unset: taken from the data)")
     init = config.init
-    if init.source not in SOURCES:
-        raise ConfigError(f"init.source {init.source!r}; allowed: {', '.join(SOURCES)}")
+    _check_choice("init.source", init.source, INIT_SOURCES)
     if init.source == "pretrain":
         if not init.workdir:
             raise ConfigError("init.workdir: missing; give the workdir of a pretraining run "
@@ -176,8 +179,7 @@ def validate_classifier(config: ml_collections.ConfigDict, *, device_count: int 
             raise ConfigError(f"init.workdir: no checkpoint in {init.workdir}/checkpoints; run the pretrain task "
                               "there first (make demo writes runs/demo)")
     if init.source == "file":
-        if init.format not in FILE_IMPORTERS:
-            raise ConfigError(f"init.format {init.format!r}; allowed: {', '.join(FILE_IMPORTERS)}")
+        _check_choice("init.format", init.format, INIT_FORMATS)
         if not init.path:
             raise ConfigError("init.path: missing; give a .pth or .safetensors checkpoint")
         if not Path(init.path).is_file():

@@ -26,13 +26,12 @@ import sys
 import time
 import types
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import ml_collections
 
 from dailymae_jax.config import ConfigError
-from dailymae_jax.data.prepare import sample_beton_path
-from dailymae_jax.train.guards import SignalGuard
+from dailymae_jax.guards import SignalGuard
 
 log = logging.getLogger(__name__)
 
@@ -148,19 +147,20 @@ def wait_for_file(path: str | Path, processes: Processes, timeout: float, poll_s
     return path
 
 
-def start(config: ml_collections.ConfigDict, build_data: Callable[[], Path]) -> Processes:
-    """Resolves the processes, has the training data built, then starts the runtime; returns who we are.
+def start(config: ml_collections.ConfigDict, build_data: Callable[[], object],
+          sample_files: Sequence[Path] = ()) -> Processes:
+    """Resolves the processes, has the data built, then starts the runtime; returns who we are.
 
     ``build_data`` (which writes the sample dataset if the config asks for it) runs before JAX starts its
-    threads, because writing forks worker processes. Only process 0 builds the sample dataset: the others wait
-    for its file. A configured ``data.train_path`` needs no building, so every process just checks it.
+    threads, because writing forks worker processes. Only process 0 builds the sample dataset; the others wait
+    for its ``sample_files`` first, then find them built. Files the config names need no building, so every
+    process just checks them. Every task starts this way.
     """
     processes = resolve(config)
-    if processes.is_main or config.data.train_path:
-        build_data()
-    else:
-        wait_for_file(sample_beton_path(config.data.sample_dir), processes,
-                      timeout=config.distributed.initialization_timeout)
+    if not processes.is_main:
+        for path in sample_files:
+            wait_for_file(path, processes, timeout=config.distributed.initialization_timeout)
+    build_data()
     initialize(processes, config)
     return processes
 

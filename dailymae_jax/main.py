@@ -46,19 +46,21 @@ def main(argv: list[str]) -> None:
 
     from dailymae_jax import distributed
     from dailymae_jax.checkpoint import CheckpointSaveError
-    from dailymae_jax.config import ConfigError, validate
+    from dailymae_jax.config import CLASSIFIER_TASKS, ConfigError, validate
     from dailymae_jax.data.beton import BetonError
-    from dailymae_jax.train.guards import Interrupted, NonFiniteError
+    from dailymae_jax.data.prepare import sample_files
+    from dailymae_jax.guards import Interrupted, NonFiniteError
 
     config = _CONFIG.value
     try:
         validate(config)  # before any data is written or compiled
-        if config.task in ("finetune", "linprobe"):
-            return _run_classifier(config, _WORKDIR.value)
-        from dailymae_jax.train import pretrain
-        # Builds the sample data, if asked, before JAX starts threads; then joins the other processes, if any.
-        processes = distributed.start(config, build_data=lambda: pretrain.train_beton(config))
-        summary = pretrain.run(config, _WORKDIR.value)
+        task = _task(config.task)
+        # Every task: the sample data is built, if asked, before JAX starts threads (by process 0 only); then
+        # this process joins the others, if any.
+        processes = distributed.start(config, build_data=lambda: task.prepare_data(config),
+                                      sample_files=sample_files(config.data,
+                                                                validation=config.task in CLASSIFIER_TASKS))
+        summary = task.run(config, _WORKDIR.value)
     except ConfigError as error:
         _fail(f"config error: {error}", 2)
     except BetonError as error:
@@ -77,6 +79,12 @@ def main(argv: list[str]) -> None:
         _fail(str(error), error.exit_code)
     if not processes.is_main:
         return  # process 0 reports the run
+    if config.task in CLASSIFIER_TASKS:
+        print(f"summary: {_WORKDIR.value}/summary.json — {summary['steps']} steps, val top-1 "
+              f"{summary['val_top1']:.4f} top-5 {summary['val_top5']:.4f} over {summary['val_count']} images at "
+              f"{summary['val_resolution']} px (chance {summary['chance_top1']:.4f}), "
+              f"{summary['compilations_during_training']} compilations during training")
+        return
     print(f"summary: {_WORKDIR.value}/summary.json — {summary['steps']} steps, loss "
           f"{summary['initial_loss']:.4f} → {summary['final_loss']:.4f}, "
           f"{summary['images_per_second']:.1f} img/s, {summary['compilations_during_training']} compilations "
@@ -162,17 +170,11 @@ def _missing_key(config: Any, key: str) -> str | None:
     return None
 
 
-def _run_classifier(config, workdir: str) -> None:
-    """The finetune and linprobe tasks (train/finetune.py, train/linprobe.py)."""
-    from dailymae_jax.train import finetune, linprobe
+def _task(name: str) -> Any:
+    """The task module: ``prepare_data(config)`` (before JAX starts) and ``run(config, workdir)``."""
+    from dailymae_jax.train import finetune, linprobe, pretrain
 
-    task = {"finetune": finetune, "linprobe": linprobe}[config.task]
-    task.prepare_data(config)  # writes the sample .beton files, if asked, before JAX starts threads
-    summary = task.run(config, workdir)
-    print(f"summary: {workdir}/summary.json — {summary['steps']} steps, val top-1 {summary['val_top1']:.4f} "
-          f"top-5 {summary['val_top5']:.4f} over {summary['val_count']} images at {summary['val_resolution']} px "
-          f"(chance {summary['chance_top1']:.4f}), {summary['compilations_during_training']} compilations "
-          "during training")
+    return {"pretrain": pretrain, "finetune": finetune, "linprobe": linprobe}[name]
 
 
 def run() -> None:

@@ -16,24 +16,29 @@ an error that names the key.
 
 Position tables. Our models compute the 2-D sin-cos table for whatever grid they run at, so a checkpoint's
 sin-cos ``pos_embed`` (all MAE pretraining checkpoints) needs no resampling: it is checked and dropped. A
-checkpoint whose table was learned cannot go into a model with a fixed table (that would silently change the
-network); a model that carries its table as a parameter named ``pos_embed`` (1, 1 + N, D) gets the
-checkpoint's table, resampled bicubically over the grid when the resolution differs (cls row kept), as the
-official MAE code does (:func:`resample_pos_embed`).
+checkpoint whose table was learned cannot go into our models (that would silently change the network).
+
+Finetuning and linear probing start through :func:`init_from_pretrained`, which reads ``config.init`` and
+goes through the same readers: a pretraining workdir (its checkpoint, read by
+:func:`dailymae_jax.checkpoint.restore_params`) or a PyTorch file, or nothing (``scratch``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Mapping
 
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 from dailymae_jax import export
+from dailymae_jax.config import INIT_FORMATS, INIT_SOURCES, ConfigError
+from dailymae_jax.model.build import mae_from_config
 from dailymae_jax.model.mae import DECODER_PARAM_PREFIXES, MaskedAutoencoder
 from dailymae_jax.model.vit import sincos_pos_embed_2d
 
@@ -62,21 +67,6 @@ class PretrainedRun:
         return int(self.config["schedule"]["resolution"])
 
 
-def mae_from_config(config: Mapping[str, Any], *, dtype: Any = None) -> MaskedAutoencoder:
-    """The MaskedAutoencoder a pretraining config (a dict, as saved in config.json) describes."""
-    import jax.numpy as jnp
-    import ml_collections
-
-    from dailymae_jax import config as config_lib
-    from dailymae_jax.model.mae import mae_from_size
-
-    config = ml_collections.ConfigDict(dict(config))
-    m = config.model
-    return mae_from_size(config_lib.model_size(config), decoder_width=m.decoder_width,
-                         decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,
-                         norm_pix_loss=m.norm_pix_loss, dtype=dtype or jnp.float32)
-
-
 def load_run(workdir: str | Path, step: int | None = None) -> PretrainedRun:
     """The parameters of a pretraining workdir's checkpoint (latest, or ``step``), without its data.
 
@@ -97,7 +87,8 @@ def load_run(workdir: str | Path, step: int | None = None) -> PretrainedRun:
         config = json.loads(config_file.read_text())
     params = traverse_util.unflatten_dict({k: np.asarray(v, np.float32)
                                            for k, v in traverse_util.flatten_dict(dict(params)).items()})
-    return PretrainedRun(params=params, model=mae_from_config(config), step=int(step), config=config)
+    return PretrainedRun(params=params, model=mae_from_config(config, dtype=jnp.float32), step=int(step),
+                         config=config)
 
 
 def read_source(source: Mapping[str, Any] | str | Path, *, step: int | None = None) -> dict[str, np.ndarray]:
@@ -116,52 +107,6 @@ def read_source(source: Mapping[str, Any] | str | Path, *, step: int | None = No
 # ------------------------------------------------------------------------------------------------
 # Position tables.
 # ------------------------------------------------------------------------------------------------
-
-def _cubic_weights(in_size: int, out_size: int) -> np.ndarray:
-    """(out_size, in_size) matrix of bicubic interpolation, PyTorch's convention.
-
-    ``F.interpolate(mode='bicubic', align_corners=False)`` without antialiasing: output pixel i samples the
-    input at (i + 0.5)·in/out − 0.5 with the cubic convolution kernel of a = −0.75 over the 4 nearest input
-    pixels, indices clamped at the borders (Keys, "Cubic convolution interpolation", 1981).
-    """
-    a = -0.75
-
-    def near(x):  # |x| ≤ 1
-        return ((a + 2) * x - (a + 3)) * x * x + 1
-
-    def far(x):  # 1 < |x| < 2
-        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
-
-    matrix = np.zeros((out_size, in_size), np.float64)
-    for i in range(out_size):
-        src = (i + 0.5) * in_size / out_size - 0.5
-        x0 = math.floor(src)
-        t = src - x0
-        for offset, weight in zip((-1, 0, 1, 2), (far(t + 1), near(t), near(1 - t), far(2 - t))):
-            matrix[i, min(max(x0 + offset, 0), in_size - 1)] += weight
-    return matrix
-
-
-def resample_pos_embed(table: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-    """A (1, 1 + gh·gw, D) position table with a cls row → the same for ``grid``, bicubic over the grid.
-
-    The source grid must be square (as in every ViT checkpoint of MAE and timm at a square resolution). The cls
-    row is kept as is; the patch rows are resampled as an image of D channels, like the official MAE finetuning
-    code (PyTorch bicubic, no antialiasing when shrinking). Computed in float64, returned as float32.
-    """
-    table = np.asarray(table)
-    if table.ndim != 3 or table.shape[0] != 1:
-        raise ValueError(f"pos_embed: expected shape (1, 1 + N, D), got {table.shape}")
-    side = math.isqrt(table.shape[1] - 1)
-    if side * side != table.shape[1] - 1:
-        raise ValueError(f"pos_embed: {table.shape[1] - 1} patch rows do not form a square grid")
-    if (side, side) == tuple(grid):
-        return table.astype(np.float32)
-    patches = table[0, 1:].astype(np.float64).reshape(side, side, -1)
-    rows, cols = _cubic_weights(side, grid[0]), _cubic_weights(side, grid[1])
-    resampled = np.einsum("ih,jw,hwd->ijd", rows, cols, patches).reshape(grid[0] * grid[1], -1)
-    return np.concatenate([table[:, :1].astype(np.float64), resampled[None]], axis=1).astype(np.float32)
-
 
 def _check_sincos(key: str, table: np.ndarray) -> None:
     """Refuses a learned table: our model would replace it with its own sin-cos table."""
@@ -213,57 +158,43 @@ def _fill(params: Mapping[str, Any], state: Mapping[str, np.ndarray], *, keep: s
     return traverse_util.unflatten_dict(filled)
 
 
-def _decoder_key(key: str) -> bool:
-    return key.startswith(DECODER_PARAM_PREFIXES)
+def fill_encoder(params: Mapping[str, Any], state: Mapping[str, np.ndarray], *, load_head: bool = False
+                 ) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """A VisionTransformer's ``params`` with the encoder taken from a PyTorch-named ``state``, and a report.
 
-
-def load_encoder_weights(params: Mapping[str, Any], source: Mapping[str, Any] | str | Path, *,
-                         image_size: int | tuple[int, int], load_head: bool = False,
-                         step: int | None = None) -> dict[str, Any]:
-    """A VisionTransformer's ``params`` with the encoder taken from a pretrained ``source``.
-
-    ``params`` are the model's own initialised parameters; they say which layout to fill (``norm`` or
-    ``fc_norm``, a head or not), and the parameters not taken from the checkpoint keep their values. The head
-    (``head.*``) is kept unless ``load_head``, and ``fc_norm.*`` is kept when the checkpoint has none (a
-    pretraining checkpoint). A decoder in the checkpoint is ignored. ``image_size`` is the resolution the
-    model will run at: it sets the grid a learned ``pos_embed`` parameter is resampled to. ``step`` picks a
-    checkpoint when ``source`` is a workdir.
+    The head (``head.*``) is kept unless ``load_head``, and ``fc_norm.*`` is kept when the checkpoint has none
+    (a pretraining checkpoint); a globally pooled model has no ``norm`` and ignores the checkpoint's. The
+    report lists the parameters ``loaded`` and kept ``fresh`` (our names), and the checkpoint keys ``unused``.
     """
-    state = read_source(source, step=step)
     target = traverse_util.flatten_dict(dict(params))
     keep = {path for path in target if path[0] == "head"} if not load_head else set()
     if ("fc_norm", "scale") in target and "fc_norm.weight" not in state:
         keep |= {path for path in target if path[0] == "fc_norm"}
-    ignore = {key for key in state if _decoder_key(key)} | {"pos_embed"}
+    ignore = {key for key in state if key.startswith(DECODER_PARAM_PREFIXES)} | {"pos_embed"}
     if ("norm", "scale") not in target:  # a globally pooled head replaces the final norm
         ignore.add("norm.")
     if not load_head:
         ignore.add("head.")
-    keep |= {path for path in target if path[0] == "pos_embed"}
-    filled = _fill(params, state, keep=keep, ignore=ignore, what="encoder checkpoint")
-    return _fill_pos_embed(filled, state, image_size=image_size)
-
-
-def _fill_pos_embed(params: dict[str, Any], state: Mapping[str, np.ndarray], *,
-                    image_size: int | tuple[int, int]) -> dict[str, Any]:
-    height, width = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    patch = int(params["patch_embed"]["proj"]["kernel"].shape[0])
-    if height % patch or width % patch:
-        raise ValueError(f"image_size {image_size} is not a multiple of the patch size {patch}")
-    has_table = "pos_embed" in params
-    if "pos_embed" not in state:
-        if has_table:
-            raise ValueError(f"encoder checkpoint: missing key pos_embed {tuple(params['pos_embed'].shape)}")
-        return params
-    if not has_table:
+    if "pos_embed" in state:
         _check_sincos("pos_embed", state["pos_embed"])
-        return params
-    table = resample_pos_embed(state["pos_embed"], (height // patch, width // patch))
-    leaf = params["pos_embed"]
-    if table.shape != tuple(leaf.shape):
-        raise ValueError(f"encoder checkpoint: pos_embed resampled to {table.shape}, the model expects "
-                         f"{tuple(leaf.shape)} at image_size {image_size}")
-    return {**params, "pos_embed": table.astype(leaf.dtype)}
+    filled = _fill(params, state, keep=keep, ignore=ignore, what="encoder checkpoint")
+    ignored = lambda key: key in ignore or any(key.startswith(p) for p in ignore if p.endswith("."))
+    report = {"loaded": ["/".join(p) for p in target if p not in keep],
+              "fresh": ["/".join(p) for p in target if p in keep],
+              "unused": sorted(key for key in state if ignored(key))}
+    return filled, report
+
+
+def load_encoder_weights(params: Mapping[str, Any], source: Mapping[str, Any] | str | Path, *,
+                         load_head: bool = False, step: int | None = None) -> dict[str, Any]:
+    """A VisionTransformer's ``params`` with the encoder taken from a pretrained ``source`` (see
+    :func:`fill_encoder`).
+
+    ``params`` are the model's own initialised parameters; they say which layout to fill (``norm`` or
+    ``fc_norm``, a head or not), and the parameters not taken from the checkpoint keep their values. ``step``
+    picks a checkpoint when ``source`` is a workdir.
+    """
+    return fill_encoder(params, read_source(source, step=step), load_head=load_head)[0]
 
 
 def load_mae_weights(params: Mapping[str, Any], source: Mapping[str, Any] | str | Path, *,
@@ -278,3 +209,57 @@ def load_mae_weights(params: Mapping[str, Any], source: Mapping[str, Any] | str 
         if key in state:
             _check_sincos(key, state[key])
     return _fill(params, state, keep=set(), ignore=set(export.POSITION_TABLES), what="MAE checkpoint")
+
+
+# ------------------------------------------------------------------------------------------------
+# Where finetuning and linear probing start (config.init).
+# ------------------------------------------------------------------------------------------------
+
+class PretrainedError(ConfigError):
+    """A pretrained source that cannot be used; the message is one line naming the config key."""
+
+
+def init_from_pretrained(config: Any, params: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A classifier's fresh ``params`` with the encoder named by ``config.init`` loaded in; (params, report).
+
+    ``init.source``: ``pretrain`` reads the latest (or ``init.step``) checkpoint of the pretraining workdir
+    ``init.workdir``; ``file`` reads the PyTorch checkpoint ``init.path`` (``.pth``/``.safetensors``, layout
+    ``init.format``: ``mae`` or ``timm``); ``scratch`` keeps the random initialisation. The head and a
+    globally pooled model's ``fc_norm`` stay fresh, as in MAE's finetuning; a linear probe's encoder (no head)
+    keeps the pretrained final norm.
+    """
+    init = config.init
+    if init.source == "scratch":
+        return dict(params), {"source": "scratch"}
+    if init.source == "pretrain":
+        key, where = "init.workdir", init.workdir
+        if not where:
+            raise PretrainedError("init.workdir: missing; give the workdir of a pretraining run")
+        step = init.get("step")
+        try:
+            state = read_source(Path(where), step=step)
+        except FileNotFoundError as error:
+            key = "init.step" if step is not None and "no checkpoint for step" in str(error) else key
+            raise PretrainedError(f"{key}: {error}") from None
+    elif init.source == "file":
+        key, where = "init.path", init.path
+        if init.format not in INIT_FORMATS:
+            raise PretrainedError(f"init.format {init.format!r}; allowed: {', '.join(INIT_FORMATS)}")
+        if not where or not Path(where).is_file():
+            raise PretrainedError(f"init.path: no such file {where!r}")
+        try:
+            state = read_source(Path(where))
+        except (KeyError, ValueError) as error:
+            raise PretrainedError(f"init.path {where}: {error}") from None
+    else:
+        raise PretrainedError(f"init.source {init.source!r}; allowed: {', '.join(INIT_SOURCES)}")
+    try:
+        filled, report = fill_encoder(params, state)
+    except (KeyError, ValueError) as error:
+        raise PretrainedError(f"{key} {where}: {error} (model.size/width/depth/heads/patch must be the pretrained "
+                              "encoder's)") from None
+    if report["unused"]:
+        logging.getLogger(__name__).info("pretrained keys not used by the classifier: %s",
+                                         ", ".join(report["unused"]))
+    return filled, {"source": init.source, "from": str(where), "loaded": len(report["loaded"]),
+                    "fresh": report["fresh"], "unused": report["unused"]}

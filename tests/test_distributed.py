@@ -137,7 +137,7 @@ def test_each_process_decodes_its_slice_of_the_single_process_batches(sample_bet
     """Process p of 2 decodes columns [8p, 8p + 8) of every global batch of 16, pixel for pixel as 1 process."""
     from dailymae_jax.data.loader import EpochOrder, TrainLoader
     from dailymae_jax.data.shard import BatchSharding, make_mesh
-    from dailymae_jax.train.schedule import Stage
+    from dailymae_jax.schedule import Stage
 
     def host_batches(process_index, process_count):
         loader = TrainLoader(sample_beton, stages=(Stage(0, 32, 0.75),), num_workers=2,

@@ -49,7 +49,8 @@ import jax, jax.numpy as jnp, numpy as np
 from ffcv.fields.decoders import IntDecoder
 from ffcv.loader import Loader, OrderOption
 from ffcv.reader import Reader
-from dailymae_jax import augment, evaluate
+from dailymae_jax import augment
+from dailymae_jax.train import evaluate
 from dailymae_jax.data.eval_loader import EvalLoader, EvalOrder, center_crop_decoder
 from dailymae_jax.data.shard import BatchSharding, make_mesh
 from dailymae_jax.model.vit import VisionTransformer

@@ -163,5 +163,5 @@ def test_classifier_round_trip_through_timm(photo_batch):
     np.testing.assert_allclose(theirs, ours, atol=1e-4, rtol=0)
     # PyTorch → JAX: timm's own state dict (its tensors, its key order) back into a freshly initialised model.
     fresh = vit.init(jax.random.PRNGKey(9), jnp.zeros((1, 64, 64, 3)))["params"]
-    back = load_encoder_weights(fresh, timm_model.state_dict(), image_size=64, load_head=True)
+    back = load_encoder_weights(fresh, timm_model.state_dict(), load_head=True)
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, back)

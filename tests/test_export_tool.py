@@ -157,8 +157,8 @@ def test_workdir_is_an_import_source(saved_run):
     vit = VisionTransformer(width=D, depth=DEPTH, heads=HEADS, patch=P)
     shapes = jax.eval_shape(lambda: vit.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3))))["params"]
     initial = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
-    assert_trees_equal(encoder_params(params_at[5]), load_encoder_weights(initial, workdir, image_size=96))
-    assert_trees_equal(encoder_params(params_at[3]), load_encoder_weights(initial, workdir, image_size=64, step=3))
+    assert_trees_equal(encoder_params(params_at[5]), load_encoder_weights(initial, workdir))
+    assert_trees_equal(encoder_params(params_at[3]), load_encoder_weights(initial, workdir, step=3))
     assert_trees_equal(params_at[5], load_mae_weights(params_at[3], workdir))
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from dailymae_jax import mixup
+from dailymae_jax.augment import mixup
 
 C = 10
 # Compiled once per configuration: eager dispatch of every small op would dominate these tests' time.

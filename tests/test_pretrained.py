@@ -1,5 +1,5 @@
 """Importing pretrained weights: exact round trips JAX → PyTorch files → JAX, what an encoder load keeps and
-ignores, one-line errors naming the key, and position-table resampling against PyTorch and timm."""
+ignores, one-line errors naming the key, and refusing learned position tables."""
 
 import argparse
 
@@ -7,14 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed
 
 from dailymae_jax import export
 from dailymae_jax.model.mae import MaskedAutoencoder, encoder_params
 from dailymae_jax.model.vit import VisionTransformer
-from dailymae_jax.pretrained import load_encoder_weights, load_mae_weights, resample_pos_embed
+from dailymae_jax.pretrained import load_encoder_weights, load_mae_weights
 
 D, DEPTH, HEADS, P, DD = 64, 2, 4, 16, 32
 
@@ -81,7 +78,7 @@ def test_encoder_round_trip_through_a_timm_file_is_exact(pretrained, tmp_path, s
     state = export.to_state_dict(params, fmt="timm", width=D, decoder_width=None, grid=(4, 4))
     path = export.save_state_dict(state, tmp_path / f"timm{suffix}", fmt="timm")
     vit = VisionTransformer(width=D, depth=DEPTH, heads=HEADS, patch=P)
-    assert_trees_equal(encoder_params(params), load_encoder_weights(vit_params(vit), path, image_size=64))
+    assert_trees_equal(encoder_params(params), load_encoder_weights(vit_params(vit), path))
 
 
 def test_classifier_takes_the_encoder_and_keeps_its_head(pretrained):
@@ -90,7 +87,7 @@ def test_classifier_takes_the_encoder_and_keeps_its_head(pretrained):
     _, params = pretrained
     vit = VisionTransformer(width=D, depth=DEPTH, heads=HEADS, patch=P, num_classes=10, global_pool=True)
     initial = vit_params(vit)
-    loaded = load_encoder_weights(initial, mae_state(params), image_size=96)
+    loaded = load_encoder_weights(initial, mae_state(params))
     assert_trees_equal(initial["head"], loaded["head"])
     assert_trees_equal(initial["fc_norm"], loaded["fc_norm"])
     expected = {k: v for k, v in encoder_params(params).items() if k != "norm"}
@@ -103,7 +100,7 @@ def test_cls_token_classifier_takes_the_final_norm(pretrained):
     _, params = pretrained
     vit = VisionTransformer(width=D, depth=DEPTH, heads=HEADS, patch=P, num_classes=3)
     initial = vit_params(vit)
-    loaded = load_encoder_weights(initial, mae_state(params), image_size=64)
+    loaded = load_encoder_weights(initial, mae_state(params))
     assert_trees_equal(params["norm"], loaded["norm"])
     assert_trees_equal(initial["head"], loaded["head"])
 
@@ -123,7 +120,7 @@ def test_bfloat16_tensors_are_read_as_float32(pretrained):
     _, params = pretrained
     state = {k: torch.from_numpy(v).bfloat16() for k, v in mae_state(params).items()}
     vit = VisionTransformer(width=D, depth=DEPTH, heads=HEADS, patch=P)
-    loaded = load_encoder_weights(vit_params(vit), state, image_size=64)
+    loaded = load_encoder_weights(vit_params(vit), state)
     expected = torch.from_numpy(np.array(params["cls_token"])).bfloat16().float().numpy()
     np.testing.assert_array_equal(loaded["cls_token"], expected)
     assert loaded["cls_token"].dtype == np.float32
@@ -139,14 +136,14 @@ def test_missing_key_is_named(pretrained):
     del state["blocks.1.mlp.fc2.bias"]
     vit = VisionTransformer(width=D, depth=DEPTH, heads=HEADS, patch=P)
     with pytest.raises(ValueError, match=r"^encoder checkpoint: missing key blocks\.1\.mlp\.fc2\.bias \(64,\)$"):
-        load_encoder_weights(vit_params(vit), state, image_size=64)
+        load_encoder_weights(vit_params(vit), state)
 
 
 def test_deeper_checkpoint_is_an_unexpected_key(pretrained):
     _, params = pretrained
     vit = VisionTransformer(width=D, depth=1, heads=HEADS, patch=P)
     with pytest.raises(ValueError, match=r"^encoder checkpoint: unexpected key blocks\.1\."):
-        load_encoder_weights(vit_params(vit), mae_state(params), image_size=64)
+        load_encoder_weights(vit_params(vit), mae_state(params))
 
 
 def test_shape_mismatch_names_the_key_in_pytorch_layout(pretrained):
@@ -154,7 +151,7 @@ def test_shape_mismatch_names_the_key_in_pytorch_layout(pretrained):
     vit = VisionTransformer(width=D, depth=DEPTH, heads=HEADS, patch=8)
     with pytest.raises(ValueError, match=r"patch_embed\.proj\.weight has shape \(64, 3, 16, 16\) in the "
                                          r"checkpoint, the model expects \(64, 3, 8, 8\)"):
-        load_encoder_weights(vit_params(vit), mae_state(params), image_size=64)
+        load_encoder_weights(vit_params(vit), mae_state(params))
 
 
 def test_encoder_only_checkpoint_is_not_an_mae(pretrained):
@@ -170,71 +167,11 @@ def test_learned_table_cannot_enter_a_fixed_table_model(pretrained):
     state["pos_embed"] = state["pos_embed"] + 0.01
     vit = VisionTransformer(width=D, depth=DEPTH, heads=HEADS, patch=P)
     with pytest.raises(ValueError, match=r"^pos_embed: the checkpoint's position table is learned"):
-        load_encoder_weights(vit_params(vit), state, image_size=64)
+        load_encoder_weights(vit_params(vit), state)
     with pytest.raises(ValueError, match=r"^pos_embed: .* is learned"):
         load_mae_weights(params, state)
-
-
-def test_image_size_must_fit_the_patch(pretrained):
-    _, params = pretrained
-    vit = VisionTransformer(width=D, depth=DEPTH, heads=HEADS, patch=P)
-    with pytest.raises(ValueError, match="image_size 70 is not a multiple of the patch size 16"):
-        load_encoder_weights(vit_params(vit), mae_state(params), image_size=70)
 
 
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_mae_weights({}, tmp_path / "nope.pth")
-
-
-# ------------------------------------------------------------------------------------------------
-# Position tables.
-# ------------------------------------------------------------------------------------------------
-
-def learned_table(side, dim=D, seed=0):
-    return np.random.default_rng(seed).normal(size=(1, 1 + side * side, dim)).astype(np.float32)
-
-
-def torch_bicubic(table, grid):
-    """The independent reference: PyTorch's bicubic resize of the patch rows as an image, cls row kept."""
-    side = int(round((table.shape[1] - 1) ** 0.5))
-    patches = torch.from_numpy(table[:, 1:]).reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    resized = F.interpolate(patches, size=grid, mode="bicubic", align_corners=False)
-    return np.concatenate([table[:, :1], resized.permute(0, 2, 3, 1).reshape(1, grid[0] * grid[1], -1).numpy()],
-                          axis=1)
-
-
-@pytest.mark.parametrize("side, grid", [(4, (7, 7)), (14, (9, 9)), (14, (16, 16)), (4, (3, 5)), (5, (2, 2))])
-def test_resampling_matches_pytorch_bicubic(side, grid):
-    table = learned_table(side)
-    ours = resample_pos_embed(table, grid)
-    assert ours.shape == (1, 1 + grid[0] * grid[1], D)
-    np.testing.assert_array_equal(ours[:, 0], table[:, 0])
-    np.testing.assert_allclose(ours, torch_bicubic(table, grid), atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("side, new", [(4, 6), (14, 24), (7, 14)])
-def test_resampling_matches_timm(side, new):
-    table = learned_table(side, seed=side)
-    theirs = resample_abs_pos_embed(torch.from_numpy(table), [new, new], num_prefix_tokens=1, antialias=False)
-    np.testing.assert_allclose(resample_pos_embed(table, (new, new)), theirs.numpy(), atol=1e-5, rtol=0)
-
-
-def test_same_grid_is_unchanged():
-    table = learned_table(6)
-    np.testing.assert_array_equal(resample_pos_embed(table, (6, 6)), table)
-    with pytest.raises(ValueError, match="do not form a square grid"):
-        resample_pos_embed(table[:, :-1], (4, 4))
-
-
-def test_a_model_with_a_learned_table_gets_it_resampled(pretrained):
-    """A model that carries ``pos_embed`` as a parameter receives the checkpoint's table at its own grid."""
-    _, params = pretrained
-    state = mae_state(params)
-    state["pos_embed"] = learned_table(4, seed=3)
-    vit = VisionTransformer(width=D, depth=DEPTH, heads=HEADS, patch=P)
-    initial = {**vit_params(vit), "pos_embed": np.zeros((1, 1 + 6 * 6, D), np.float32)}
-    loaded = load_encoder_weights(initial, state, image_size=96)
-    np.testing.assert_allclose(loaded["pos_embed"], torch_bicubic(state["pos_embed"], (6, 6)), atol=1e-5)
-    with pytest.raises(ValueError, match=r"pos_embed resampled to \(1, 50, 64\), the model expects \(1, 37, 64\)"):
-        load_encoder_weights(initial, state, image_size=112)

@@ -118,7 +118,7 @@ def test_bad_config_gives_one_line_and_exit_code_2(tmp_path, sample_beton, args,
 
 
 def test_signal_guard_turns_sigint_into_a_flag():
-    from dailymae_jax.train.guards import SignalGuard
+    from dailymae_jax.guards import SignalGuard
 
     previous = signal.getsignal(signal.SIGINT)
     with SignalGuard() as guard:

@@ -8,7 +8,7 @@ import pytest
 import scipy.ndimage as ndi
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
-from dailymae_jax import three_augment as ta
+from dailymae_jax.augment import three_augment as ta
 
 
 blur = jax.jit(ta.gaussian_blur, static_argnames=("radius",))

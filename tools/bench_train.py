@@ -264,7 +264,7 @@ def run_jax(args: argparse.Namespace, config, resolution: int) -> list[dict[str,
     from dailymae_jax.data.shard import DATA_AXIS, make_mesh
     from dailymae_jax.model.probe import LinearProbe
     from dailymae_jax.train import compile as compile_lib
-    from dailymae_jax.train import schedule as schedule_lib
+    from dailymae_jax import schedule as schedule_lib
     from dailymae_jax.train.state import create_state, init_state, make_optimizer, make_probe_optimizer
     from dailymae_jax.train.steps import PretrainStepConfig, make_pretrain_step
 
@@ -351,7 +351,7 @@ def _time_jax_loader(args, config, resolution, mask_ratio, mesh, step, holder, c
     from dailymae_jax.data.prepare import dataset_info
     from dailymae_jax.data.shard import BatchSharding
     from dailymae_jax.train import compile as compile_lib
-    from dailymae_jax.train.schedule import Stage
+    from dailymae_jax.schedule import Stage
 
     info = dataset_info(args.beton)
     order = EpochOrder(info.num_samples, args.batch_size, args.seed)
@@ -401,7 +401,7 @@ def run_torch(args: argparse.Namespace, config, resolution: int) -> list[dict[st
     import torch_mae
 
     from dailymae_jax.train import compile as compile_lib
-    from dailymae_jax.train import schedule as schedule_lib
+    from dailymae_jax import schedule as schedule_lib
 
     torch.manual_seed(args.seed)
     cuda = torch.cuda.is_available()

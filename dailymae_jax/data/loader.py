@@ -26,7 +26,7 @@ from ffcv.loader import Loader, OrderOption
 
 from dailymae_jax.data.decode import KEY_GROUP, CropDecoder, RandomResizedCropDecoder, process_share_problem
 from dailymae_jax.data.shard import BatchSharding
-from dailymae_jax.train.schedule import Stage, stage_at
+from dailymae_jax.schedule import Stage, stage_at
 
 
 @dataclasses.dataclass(frozen=True)

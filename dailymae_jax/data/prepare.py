@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +26,20 @@ class DatasetInfo:
 def sample_beton_path(sample_dir: str | Path) -> Path:
     """Where ``sample_beton`` puts the sample dataset's training file."""
     return Path(sample_dir) / "train.beton"
+
+
+def sample_val_beton_path(sample_dir: str | Path) -> Path:
+    """Where ``sample_val_beton`` puts the sample dataset's validation file."""
+    return Path(sample_dir) / "val.beton"
+
+
+def sample_files(data: Any, *, validation: bool) -> list[Path]:
+    """The sample-dataset files a run reads because its ``data`` config names no file of its own:
+    ``train.beton`` without ``train_path`` and, for ``validation``, ``val.beton`` without ``val_path``."""
+    files = [] if data.train_path else [sample_beton_path(data.sample_dir)]
+    if validation and not data.get("val_path"):
+        files.append(sample_val_beton_path(data.sample_dir))
+    return files
 
 
 def sample_beton(sample_dir: str | Path, *, num_images: int, seed: int = 0) -> Path:
@@ -72,7 +87,7 @@ def sample_val_beton(sample_dir: str | Path, *, num_images: int, seed: int = 0) 
     from dailymae_jax.data.write import write_beton
 
     sample_dir = Path(sample_dir)
-    beton = sample_dir / "val.beton"
+    beton = sample_val_beton_path(sample_dir)
     if not beton.exists():
         make_sample_dataset(sample_dir, num_images=num_images, seed=seed)
         write_beton(sample_dir / "val", beton)

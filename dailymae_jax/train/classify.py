@@ -1,5 +1,5 @@
-"""What finetuning and linear probing share: data, state, ahead-of-time compilation, the loop, evaluation
-after each epoch, checkpoints and the summary.
+"""What finetuning and linear probing share: data, state, ahead-of-time compilation, evaluation after each
+epoch and the summary; the training loop itself is train/loop.py's, as for pretraining.
 
 A task (train/finetune.py, train/linprobe.py) supplies only what differs, as a :class:`TaskParts`: how the
 state is initialised and where pretrained weights go, the compiled training step per resolution, and the
@@ -8,6 +8,7 @@ logits used for evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -20,19 +21,19 @@ import ml_collections
 import numpy as np
 
 from dailymae_jax import config as config_lib
-from dailymae_jax import distributed
-from dailymae_jax import evaluate as evaluate_lib
 from dailymae_jax import report
-from dailymae_jax.checkpoint import Checkpointer, DataPosition, abstract_with_shardings
+from dailymae_jax.checkpoint import Checkpointer
 from dailymae_jax.data.eval_loader import EvalLoader, EvalOrder
-from dailymae_jax.data.loader import CropSpec, EpochOrder, TrainLoader
+from dailymae_jax.data.loader import Batch, CropSpec, EpochOrder, TrainLoader
 from dailymae_jax.data.prepare import dataset_info, sample_beton, sample_val_beton
-from dailymae_jax.data.shard import BatchSharding, make_mesh
+from dailymae_jax.data.shard import BatchSharding
 from dailymae_jax.train import compile as compile_lib
-from dailymae_jax.train.state import ClassifierState, create_state, parameter_count
+from dailymae_jax.train import evaluate as evaluate_lib
+from dailymae_jax.train.loop import TrainLoop, finished_summary, open_workplace, place_on_mesh, progress_for, \
+    starting_point
+from dailymae_jax.train.state import ClassifierState, parameter_count
 
 log = logging.getLogger(__name__)
-
 
 def prepare_data(config: ml_collections.ConfigDict) -> tuple[Path, Path]:
     """(train, val) .beton files; the sample dataset's are written on first use.
@@ -66,7 +67,6 @@ class TaskParts:
     load_pretrained: Callable[[ClassifierState], tuple[ClassifierState, dict[str, Any]]]
     make_step: Callable[[int], Callable]  # resolution → step(state, images_u8, labels) → (state, metrics)
     logits_fn: evaluate_lib.LogitsFn  # (state, images_u8) → logits, for evaluation
-    crop: CropSpec  # training RandomResizedCrop
 
 
 BuildParts = Callable[[ml_collections.ConfigDict, RunShape], TaskParts]
@@ -74,16 +74,11 @@ BuildParts = Callable[[ml_collections.ConfigDict, RunShape], TaskParts]
 
 def run(config: ml_collections.ConfigDict, workdir: str | Path, build_parts: BuildParts) -> dict[str, Any]:
     """Trains (or resumes) a classifier into ``workdir``; returns the summary also written to summary.json."""
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    is_main = jax.process_index() == 0
-    mesh = make_mesh()
-    config_lib.validate(config, device_count=mesh.devices.size, process_count=jax.process_count())
+    done = finished_summary(config, workdir)
+    if done is not None:
+        return done
+    place = open_workplace(config, workdir)
     stages = config_lib.finetune_stages(config)
-    compile_lib.enable_persistent_cache(config.train.compilation_cache_dir)
-    if is_main:
-        report.write_json(workdir / "config.json", config_lib.to_dict(config))
-
     train_beton, val_beton = prepare_data(config)
     train_info, val_info = dataset_info(train_beton), dataset_info(val_beton)
     num_classes = config.model.get("num_classes") or train_info.num_classes
@@ -92,32 +87,22 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, build_parts: Bui
                                      f"{num_classes} classes (model.num_classes or the training labels)")
     batch = config.data.global_batch_size
     order = EpochOrder(train_info.num_samples, batch, config.seed, jax.process_index(), jax.process_count())
-    sharding = BatchSharding(mesh)
     epochs, steps_per_epoch = config.train.epochs, order.steps_per_epoch
-    shape = RunShape(num_classes=num_classes, steps_per_epoch=steps_per_epoch, total_steps=epochs * steps_per_epoch,
-                     device_count=int(mesh.devices.size))
-    parts = build_parts(config, shape)
+    parts = build_parts(config, RunShape(num_classes=num_classes, steps_per_epoch=steps_per_epoch,
+                                         total_steps=epochs * steps_per_epoch, device_count=place.device_count))
 
-    state, state_shardings = create_state(parts.init_state, jax.random.PRNGKey(config.seed), mesh)
-    abstract_state = abstract_with_shardings(jax.eval_shape(lambda: state), state_shardings)
-    checkpointer = Checkpointer(workdir, keep=config.checkpoint.keep)
-    position = DataPosition(0, 0)
-    init_report: dict[str, Any]
-    if checkpointer.latest_step() is not None:
-        state, position, _ = checkpointer.restore(abstract_state)
-        init_report = {"source": "resumed", "from": str(checkpointer.path(int(state.step)))}
-        log.info("resumed from %s at epoch %d, step %d of the epoch", init_report["from"], position.epoch,
-                 position.step_in_epoch)
-        if position.epoch >= epochs and (workdir / "summary.json").exists():
-            log.info("%s already finished its %d epochs; keeping its summary.json", workdir, epochs)
-            checkpointer.close()
-            return json.loads((workdir / "summary.json").read_text())
+    checkpointer = Checkpointer(place.workdir, keep=config.checkpoint.keep)
+    start = starting_point(parts.init_state, config.seed, place.mesh, checkpointer)
+    if start.resumed:
+        init_report = {"source": "resumed", "from": str(checkpointer.path(int(start.state.step)))}
     else:
-        state, init_report = parts.load_pretrained(state)
-        state = jax.device_put(state, state_shardings)
+        state, init_report = parts.load_pretrained(start.state)
+        start.state = place_on_mesh(state, start.shardings)
 
+    sharding = BatchSharding(place.mesh)
     loader = TrainLoader(train_beton, stages=stages, order=order, sharding=sharding,
-                         num_workers=config.data.num_workers, crop=parts.crop)
+                         num_workers=config.data.num_workers,
+                         crop=CropSpec(tuple(config.data.crop_scale), tuple(config.data.crop_ratio)))
     eval_order = EvalOrder(val_info.num_samples, config.eval.global_batch_size, jax.process_index(),
                            jax.process_count())
     eval_loaders = {r: EvalLoader(val_beton, resolution=r, order=eval_order, sharding=sharding,
@@ -128,61 +113,73 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, build_parts: Bui
 
     resolutions = sorted({s.resolution for s in stages})
     executables, compile_seconds = compile_lib.compile_buckets(
-        parts.make_step, resolutions, abstract_state=abstract_state, state_shardings=state_shardings, mesh=mesh,
-        global_batch=batch, resolution_of=lambda r: r)
+        parts.make_step, resolutions, abstract_state=start.abstract_state, state_shardings=start.shardings,
+        mesh=place.mesh, global_batch=batch, resolution_of=lambda r: r)
     eval_step = evaluate_lib.make_eval_step(parts.logits_fn, num_classes)
     eval_executables = {}
     for r in config.eval.resolutions:
-        start = time.perf_counter()
+        tick = time.perf_counter()
         eval_executables[r] = evaluate_lib.compile_eval_step(
-            eval_step, abstract_state=abstract_state, state_shardings=state_shardings, mesh=mesh,
+            eval_step, abstract_state=start.abstract_state, state_shardings=start.shardings, mesh=place.mesh,
             global_batch=config.eval.global_batch_size, resolution=r)
-        compile_seconds[f"eval_{r}"] = time.perf_counter() - start
+        compile_seconds[f"eval_{r}"] = time.perf_counter() - tick
     log.info("compiled ahead of time: %s", {f"{k}px" if isinstance(k, int) else k: f"{s:.1f}s"
                                             for k, s in compile_seconds.items()})
 
-    writer = report.MetricsWriter(workdir, enabled=is_main)
-    counter = compile_lib.CompilationCounter()
-    loop = _Loop(config, executables, eval_executables, eval_loaders, checkpointer, writer, steps_per_epoch,
-                 config_lib.to_dict(config))
-    distributed.barrier("training")  # processes leave compilation at different times; start together
-    with counter:
-        state = loop.run(state, loader.batches(position.epoch, position.step_in_epoch, epochs), epochs)
-    if loop.last_eval is None:  # a finished run resumed without its summary: evaluate the final state
-        loop.evaluate(state, epochs - 1, int(state.step))
-    checkpointer.close()
+    writer = report.MetricsWriter(place.workdir, enabled=place.is_main)
+    validation = Validation(config, eval_executables, eval_loaders, writer)
+    loop = TrainLoop(config=config, state=start.state, position=start.position, loader=loader,
+                     executables=executables, bucket_of=lambda stage: stage.resolution, checkpointer=checkpointer,
+                     writer=writer, on_epoch_end=validation.after_epoch,
+                     progress=progress_for(executables, total_steps=epochs * steps_per_epoch, mesh=place.mesh,
+                                           metric_names=("loss", "grad_norm", "train_top1", "lr"),
+                                           line_metrics=(("train_top1", "train top-1"),)))
+    try:
+        loop.train()
+        if validation.last is None:  # a finished run resumed without its summary: evaluate the final state
+            validation.run(loop.state, epochs - 1, loop.step)
+        checkpointer.close()
+    except BaseException:
+        # Keep what is done (metrics flushed, in-flight saves of finite states finished); the error that
+        # stopped the run is the one to raise, not one from closing.
+        writer.close()
+        with contextlib.suppress(Exception):
+            checkpointer.close()
+        raise
     writer.close()
 
-    history = _eval_history(workdir / "metrics.jsonl") if is_main else loop.history
+    state, stats = loop.state, loop.stats
+    history = _eval_history(place.workdir / "metrics.jsonl") if place.is_main else validation.history
     primary = config.eval.resolutions[0]
-    final = loop.last_eval
+    final = validation.last
     best = max(history, key=lambda row: row["val_top1"]) if history else None
     last_step = checkpointer.latest_step()
     summary = {
         "task": config.task,
         "steps": int(state.step),
-        "steps_this_run": loop.steps,
+        "steps_this_run": stats.steps,
         "epochs": epochs,
-        "val_top1": final[primary].top1 if final else None,
-        "val_top5": final[primary].top5 if final else None,
-        "val_count": final[primary].count if final else None,
+        "val_top1": final[primary].top1,
+        "val_top5": final[primary].top5,
+        "val_count": final[primary].count,
         "val_resolution": primary,
-        "val": {str(r): result.as_dict() for r, result in final.items()} if final else None,
+        "val": {str(r): result.as_dict() for r, result in final.items()},
         "best_val_top1": best["val_top1"] if best else None,
         "best_epoch": int(best["epoch"]) if best else None,
         "chance_top1": 1.0 / num_classes,
         "history": history,
-        "initial_loss": loop.losses[0] if loop.losses else None,
-        "final_loss": float(np.mean(loop.losses[-steps_per_epoch:])) if loop.losses else None,
-        "images_per_second": loop.images / loop.train_seconds if loop.train_seconds else None,
-        "eval_seconds": loop.eval_seconds,
-        "compilations_during_training": counter.count,
+        "initial_loss": stats.losses[0] if stats.losses else None,
+        "final_loss": float(np.mean(stats.losses[-steps_per_epoch:])) if stats.losses else None,
+        "images_per_second": stats.images_per_second,
+        "data_wait_share": stats.data_wait_share,
+        "eval_seconds": validation.seconds,
+        "compilations_during_training": loop.counter.count,
         "compile_seconds_ahead_of_time": {str(k): s for k, s in compile_seconds.items()},
         "stages": [{"start_epoch": s.start_epoch, "resolution": s.resolution} for s in stages],
         "num_classes": num_classes,
         "train_images": train_info.num_samples,
         "val_images": val_info.num_samples,
-        "device_count": int(mesh.devices.size),
+        "device_count": place.device_count,
         "process_count": jax.process_count(),
         "global_batch_size": batch,
         "parameters": parameter_count(state.params) + parameter_count(state.frozen),
@@ -190,8 +187,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, build_parts: Bui
         "init": init_report,
         "last_checkpoint": str(checkpointer.path(last_step)) if last_step is not None else None,
     }
-    if is_main:
-        report.write_json(workdir / "summary.json", summary)
+    if place.is_main:
+        report.write_json(place.workdir / "summary.json", summary)
     return summary
 
 
@@ -206,78 +203,37 @@ def _eval_history(metrics_path: Path) -> list[dict[str, float]]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-class _Loop:
-    """The training loop with evaluation after every ``eval.every_epochs`` epochs and at the end."""
+class Validation:
+    """Top-1/top-5 on the validation split after every ``eval.every_epochs`` epochs and after the last."""
 
-    def __init__(self, config, executables, eval_executables, eval_loaders, checkpointer, writer,
-                 steps_per_epoch, config_dict):
+    def __init__(self, config: ml_collections.ConfigDict, executables: dict[int, Any],
+                 loaders: dict[int, EvalLoader], writer: report.MetricsWriter):
         self.config = config
         self.executables = executables
-        self.eval_executables = eval_executables
-        self.eval_loaders = eval_loaders
-        self.checkpointer = checkpointer
+        self.loaders = loaders
         self.writer = writer
-        self.steps_per_epoch = steps_per_epoch
-        self.config_dict = config_dict
-        self.steps = 0
-        self.images = 0
-        self.train_seconds = 0.0
-        self.eval_seconds = 0.0
-        self.losses: list[float] = []
+        self.seconds = 0.0
         self.history: list[dict[str, float]] = []
-        self.last_eval: dict[int, evaluate_lib.EvalResult] | None = None
+        self.last: dict[int, evaluate_lib.EvalResult] | None = None
 
-    def evaluate(self, state: ClassifierState, epoch: int, host_step: int) -> None:
+    def after_epoch(self, state: ClassifierState, batch: Batch, step: int) -> None:
+        """The loop's end-of-epoch hook."""
+        epoch = batch.epoch
+        if (epoch + 1) % self.config.eval.every_epochs == 0 or epoch + 1 == self.config.train.epochs:
+            self.run(state, epoch, step)
+
+    def run(self, state: ClassifierState, epoch: int, step: int) -> None:
         start = time.perf_counter()
-        results = {r: evaluate_lib.evaluate(self.eval_executables[r], state, loader)
-                   for r, loader in self.eval_loaders.items()}
-        self.eval_seconds += time.perf_counter() - start
+        results = {r: evaluate_lib.evaluate(self.executables[r], state, loader) for r, loader in self.loaders.items()}
+        self.seconds += time.perf_counter() - start
         primary = self.config.eval.resolutions[0]
         row = {"epoch": epoch, "val_top1": results[primary].top1, "val_top5": results[primary].top5,
                "val_count": results[primary].count}
         for r, result in results.items():
             if r != primary:
                 row.update({f"val_top1_{r}": result.top1, f"val_top5_{r}": result.top5})
-        self.writer.write(host_step, row)
+        self.writer.write(step, row)
         self.history.append(row)
-        self.last_eval = results
+        self.last = results
         log.info("epoch %d: val top-1 %.4f top-5 %.4f at %d px over %d images (%.1fs)", epoch, row["val_top1"],
                  row["val_top5"], primary, row["val_count"], time.perf_counter() - start)
-
-    def run(self, state: ClassifierState, batches, epochs: int) -> ClassifierState:
-        config = self.config
-        batch_size = config.data.global_batch_size
-        pending: list[dict[str, jax.Array]] = []
-        window_start = time.perf_counter()
-        window_images = 0
-        for batch in batches:
-            state, metrics = self.executables[batch.stage.resolution](state, batch.images, batch.labels)
-            self.steps += 1
-            self.images += batch_size
-            window_images += batch_size
-            pending.append(metrics)
-            host_step = batch.epoch * self.steps_per_epoch + batch.step_in_epoch + 1
-            end_of_epoch = batch.step_in_epoch == self.steps_per_epoch - 1
-            if host_step % config.train.log_every_steps == 0 or end_of_epoch:
-                fetched = jax.device_get(pending)
-                pending.clear()
-                self.losses.extend(float(m["loss"]) for m in fetched)
-                elapsed = time.perf_counter() - window_start
-                self.train_seconds += elapsed
-                row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-                row.update(images_per_second=window_images / elapsed, resolution=batch.stage.resolution,
-                           epoch=batch.epoch)
-                self.writer.write(host_step, row)
-                log.info("step %d epoch %d: loss %.4f lr %.2e %.0f img/s", host_step, batch.epoch, row["loss"],
-                         row["lr"], row["images_per_second"])
-            if end_of_epoch and ((batch.epoch + 1) % config.eval.every_epochs == 0 or batch.epoch + 1 == epochs):
-                self.evaluate(state, batch.epoch, host_step)
-            if host_step % config.checkpoint.every_steps == 0 or end_of_epoch:
-                next_position = (DataPosition(batch.epoch + 1, 0) if end_of_epoch
-                                 else DataPosition(batch.epoch, batch.step_in_epoch + 1))
-                self.checkpointer.save(host_step, state, next_position, self.config_dict)
-            if host_step % config.train.log_every_steps == 0 or end_of_epoch:
-                window_start, window_images = time.perf_counter(), 0  # after eval and checkpoint: not timed
-        if pending:
-            self.losses.extend(float(m["loss"]) for m in jax.device_get(pending))
-        return state

@@ -4,12 +4,13 @@ Metrics are accumulated on device with clu.metrics (merging a step's metrics lau
 and never waits for the step), and fetched only when a log line is due.
 """
 
-# No `from __future__ import annotations`: clu.metrics reads the metric classes from __annotations__.
+from __future__ import annotations
+
 import dataclasses
+import functools
 import time
 from typing import Callable
 
-import flax
 import jax
 import jax.numpy as jnp
 from clu import metrics as clu_metrics
@@ -20,33 +21,20 @@ from dailymae_jax.train import compile as compile_lib
 DATA_BOUND_SHARE = 0.25
 
 
-@flax.struct.dataclass
-class TrainMetrics(clu_metrics.Collection):
-    """Per-window means of the step's metrics (the learning rate is the window's last value)."""
-
-    loss: clu_metrics.Average.from_output("loss")
-    grad_norm: clu_metrics.Average.from_output("grad_norm")
-    probe_loss: clu_metrics.Average.from_output("probe_loss")
-    probe_accuracy: clu_metrics.Average.from_output("probe_accuracy")
-    lr: clu_metrics.LastValue.from_output("lr")
+def metrics_collection(names: tuple[str, ...]) -> type[clu_metrics.Collection]:
+    """A clu Collection of per-window means of the step metrics ``names``; ``lr`` keeps the window's last value."""
+    return clu_metrics.Collection.create(**{
+        name: (clu_metrics.LastValue if name == "lr" else clu_metrics.Average).from_output(name) for name in names})
 
 
-_METRIC_NAMES = ("loss", "grad_norm", "probe_loss", "probe_accuracy", "lr")
-
-
-@jax.jit
-def _first(step_metrics: dict[str, jax.Array]) -> TrainMetrics:
-    return TrainMetrics.single_from_model_output(**step_metrics)
-
-
-@jax.jit
-def _merge(metrics: TrainMetrics, step_metrics: dict[str, jax.Array]) -> TrainMetrics:
-    return metrics.merge(TrainMetrics.single_from_model_output(**step_metrics))
-
-
-@jax.jit
-def _compute(metrics: TrainMetrics) -> dict[str, jax.Array]:
-    return metrics.compute()
+@functools.lru_cache(maxsize=None)
+def _window_programs(names: tuple[str, ...]) -> tuple[Callable, Callable, Callable]:
+    """(first, merge, compute), jitted once per set of metric names."""
+    collection = metrics_collection(names)
+    first = jax.jit(lambda step_metrics: collection.single_from_model_output(**step_metrics))
+    merge = jax.jit(lambda metrics, step_metrics: metrics.merge(collection.single_from_model_output(**step_metrics)))
+    compute = jax.jit(lambda metrics: metrics.compute())
+    return first, merge, compute
 
 
 def format_duration(seconds: float) -> str:
@@ -90,15 +78,19 @@ class Progress:
     device's peak bf16 rate it gives model FLOPs utilisation (None on CPUs, whose peak we do not tabulate).
     """
 
-    def __init__(self, *, total_steps: int, flops_per_step: dict | None = None,
-                 device_kind: str | None = None, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, *, total_steps: int, metric_names: tuple[str, ...], flops_per_step: dict | None = None,
+                 device_kind: str | None = None, clock: Callable[[], float] = time.perf_counter,
+                 line_metrics: tuple[tuple[str, str], ...] = ()):
         self.total_steps = total_steps
+        self.metric_names = tuple(metric_names)
+        self.line_metrics = line_metrics  # (metric, label) pairs shown after loss and lr in the log line
+        self._first, self._merge, self._compute = _window_programs(self.metric_names)
         self.flops_per_step = flops_per_step or {}
         kind = device_kind if device_kind is not None else jax.devices()[0].device_kind
         self.peak_flops = compile_lib.peak_bf16_flops(kind)
-        self.metrics: TrainMetrics | None = None
+        self.metrics: clu_metrics.Collection | None = None
         self._steps = self._images = 0
-        self._data_wait = 0.0
+        self._data_wait = self._excluded = 0.0
         self._clock = clock
         self._start = clock()
 
@@ -108,11 +100,11 @@ class Progress:
         # Made on device rather than device_put: in a multi-process run, device_put of a host value checks
         # with a cross-process collective that every process passed the same one, and on CPU a collective's
         # first use gives up after 30 s, which a process still compiling its steps exceeds.
-        zeros = jax.jit(lambda: {name: jnp.zeros((), jnp.float32) for name in _METRIC_NAMES},
+        zeros = jax.jit(lambda: {name: jnp.zeros((), jnp.float32) for name in self.metric_names},
                         out_shardings=sharding)()
         self.add(zeros, images=0, data_wait_seconds=0.0)
         self.add(zeros, images=0, data_wait_seconds=0.0)
-        jax.block_until_ready(_compute(self.metrics))
+        jax.block_until_ready(self._compute(self.metrics))
         self.metrics = None
         self._steps = self._images = 0
         self._start = self._clock()
@@ -120,17 +112,17 @@ class Progress:
     def add(self, step_metrics: dict[str, jax.Array], *, images: int, data_wait_seconds: float) -> None:
         """Records one step (its metrics stay on device: one small asynchronous jitted merge)."""
         if self.metrics is None:
-            self.metrics = _first(step_metrics)
+            self.metrics = self._first(step_metrics)
         else:
-            self.metrics = _merge(self.metrics, step_metrics)
+            self.metrics = self._merge(self.metrics, step_metrics)
         self._steps += 1
         self._images += images
         self._data_wait += data_wait_seconds
 
     def flush(self, *, step: int, bucket) -> tuple[dict[str, float], Window]:
         """The window's scalars (fetching the averages waits for its steps) and its throughput; resets."""
-        scalars = {k: float(v) for k, v in jax.device_get(_compute(self.metrics)).items()}
-        window = Window(self._steps, self._images, self._clock() - self._start, self._data_wait)
+        scalars = {k: float(v) for k, v in jax.device_get(self._compute(self.metrics)).items()}
+        window = Window(self._steps, self._images, self._clock() - self._start - self._excluded, self._data_wait)
         scalars.update(images_per_second=window.images_per_second, step_seconds=window.step_seconds,
                        data_wait_share=window.data_wait_share)
         mfu = compile_lib.model_flops_utilization(self.flops_per_step.get(bucket), window.step_seconds,
@@ -140,16 +132,21 @@ class Progress:
         scalars["eta_seconds"] = window.step_seconds * max(self.total_steps - step, 0)
         self.metrics = None
         self._steps = self._images = 0
-        self._data_wait = 0.0
+        self._data_wait = self._excluded = 0.0
         self._start = self._clock()
         return scalars, window
 
+    def exclude(self, seconds: float) -> None:
+        """Leaves ``seconds`` of the current window out of its throughput (evaluation, pictures)."""
+        self._excluded += seconds
+
     def line(self, step: int, epoch: int, epochs: int, scalars: dict[str, float]) -> str:
-        """``step 120/2016 (6%) epoch 3/9: loss 0.8123 lr 1.2e-03 probe acc 0.41 | 53 img/s 0.60 s/step
-        data wait 4% MFU 47% | ETA 18m57s``."""
+        """``step 120/2016 (6%) epoch 3/9: loss 0.8123 lr 1.2e-03 probe acc 0.410 | 53 img/s 0.60 s/step
+        data wait 4% MFU 47% | ETA 18m57s`` (the metrics after lr are ``line_metrics``)."""
         mfu = f" MFU {scalars['mfu']:.0%}" if "mfu" in scalars else ""
+        extra = "".join(f" {label} {scalars[name]:.3f}" for name, label in self.line_metrics)
         return (f"step {step}/{self.total_steps} ({step / self.total_steps:.0%}) epoch {epoch + 1}/{epochs}: "
-                f"loss {scalars['loss']:.4f} lr {scalars['lr']:.2e} probe acc {scalars['probe_accuracy']:.3f} | "
+                f"loss {scalars['loss']:.4f} lr {scalars['lr']:.2e}{extra} | "
                 f"{scalars['images_per_second']:.0f} img/s {scalars['step_seconds']:.3f} s/step "
                 f"data wait {scalars['data_wait_share']:.0%}{mfu} | "
                 f"ETA {format_duration(scalars['eta_seconds'])}")

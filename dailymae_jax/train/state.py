@@ -173,3 +173,22 @@ def make_lars_optimizer(*, learning_rate: Callable[[jax.Array], jax.Array], weig
         optax.trace(decay=momentum, nesterov=False),
         optax.scale_by_learning_rate(learning_rate),
     )
+
+
+def init_finetune_state(rng: jax.Array, *, model: Any, tx: optax.GradientTransformation,
+               resolution: int) -> ClassifierState:
+    """A fresh classifier state (random weights; pretrained ones are loaded afterwards, on the host)."""
+    init_rng, run_rng = jax.random.split(rng)
+    params = model.init(init_rng, jnp.zeros((1, resolution, resolution, 3), jnp.float32))["params"]
+    return ClassifierState(step=jnp.zeros((), jnp.int32), rng=run_rng, params=params, opt_state=tx.init(params),
+                           batch_stats={}, frozen={})
+
+
+def init_linprobe_state(rng: jax.Array, *, encoder: Any, probe: Any, tx: optax.GradientTransformation,
+               resolution: int) -> ClassifierState:
+    encoder_rng, probe_rng, run_rng = jax.random.split(rng, 3)
+    frozen = encoder.init(encoder_rng, jnp.zeros((1, resolution, resolution, 3), jnp.float32))["params"]
+    probe_vars = probe.init(probe_rng, jnp.zeros((2, encoder.width), jnp.float32), train=False)
+    return ClassifierState(step=jnp.zeros((), jnp.int32), rng=run_rng, params=probe_vars["params"],
+                           opt_state=tx.init(probe_vars["params"]), batch_stats=probe_vars["batch_stats"],
+                           frozen=frozen)

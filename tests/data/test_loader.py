@@ -13,7 +13,7 @@ from dailymae_jax.data import decode_crop
 from dailymae_jax.data.decode import RandomResizedCropDecoder, pair_key, random_resized_crop_box
 from dailymae_jax.data.loader import EpochOrder, TrainLoader
 from dailymae_jax.data.shard import BatchSharding, make_mesh
-from dailymae_jax.train.schedule import Stage
+from dailymae_jax.schedule import Stage
 
 from beton_read import jpeg_blobs  # noqa: E402  (tests/data is on sys.path under pytest)
 

@@ -10,13 +10,14 @@ import optax
 import pytest
 from flax import traverse_util
 
-from dailymae_jax.train import warm_start as pretrained
-from dailymae_jax.checkpoint import Checkpointer, DataPosition
+from dailymae_jax import pretrained
+from dailymae_jax.checkpoint import Checkpointer, DataPosition, restore_params
 from dailymae_jax.model.mae import MaskedAutoencoder
 from dailymae_jax.model.probe import LinearProbe
 from dailymae_jax.model.vit import VisionTransformer
-from dailymae_jax.train import finetune, linprobe
-from dailymae_jax.train.state import (create_state, finetune_decay_mask, init_state, layer_decay_scales,
+from dailymae_jax.train import steps
+from dailymae_jax.train.state import (create_state, finetune_decay_mask, init_finetune_state,
+                                      init_linprobe_state, init_state, layer_decay_scales,
                                       make_finetune_optimizer, make_lars_optimizer, make_optimizer,
                                       make_probe_optimizer, vit_layer_id)
 from dailymae_jax.data.shard import make_mesh
@@ -120,10 +121,10 @@ def test_finetune_step_trains_on_photos(photo_batch):
     shapes = jax.eval_shape(VIT.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
     tx = make_finetune_optimizer(shapes, learning_rate=optax.constant_schedule(1e-3), weight_decay=0.05, b1=0.9,
                                  b2=0.999, layer_decay=0.75, depth=DEPTH)
-    init = functools.partial(finetune.init_state, model=VIT, tx=tx, resolution=64)
+    init = functools.partial(init_finetune_state, model=VIT, tx=tx, resolution=64)
     state, _ = create_state(init, jax.random.PRNGKey(0), make_mesh())
-    cfg = finetune.FinetuneStepConfig(num_classes=5, color_jitter=0.3, mix_groups=1)
-    step = jax.jit(finetune.make_finetune_step(VIT, tx, optax.constant_schedule(1e-3), cfg))
+    cfg = steps.FinetuneStepConfig(num_classes=5, color_jitter=0.3, mix_groups=1)
+    step = jax.jit(steps.make_finetune_step(VIT, tx, optax.constant_schedule(1e-3), cfg))
     images, labels = jnp.asarray(photo_batch), jnp.arange(8) % 5
     before = state.params
     state, metrics = step(state, images, labels)
@@ -139,8 +140,8 @@ def test_linprobe_step_leaves_the_encoder_alone(photo_batch):
     encoder = VisionTransformer(width=32, depth=2, heads=2, patch=16)
     probe = LinearProbe(num_classes=5)
     tx = make_lars_optimizer(learning_rate=optax.constant_schedule(1.0))
-    state = linprobe.init_state(jax.random.PRNGKey(0), encoder=encoder, probe=probe, tx=tx, resolution=64)
-    step = jax.jit(linprobe.make_linprobe_step(encoder, probe, tx, optax.constant_schedule(1.0)))
+    state = init_linprobe_state(jax.random.PRNGKey(0), encoder=encoder, probe=probe, tx=tx, resolution=64)
+    step = jax.jit(steps.make_linprobe_step(encoder, probe, tx, optax.constant_schedule(1.0)))
     new, metrics = step(state, jnp.asarray(photo_batch), jnp.arange(8) % 5)
     assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), state.frozen, new.frozen))
     assert bool(jnp.any(new.params["head"]["kernel"] != state.params["head"]["kernel"]))
@@ -159,14 +160,18 @@ def pretrain_workdir(tmp_path_factory):
         jax.random.PRNGKey(1))
     workdir = tmp_path_factory.mktemp("pretrain")
     checkpointer = Checkpointer(workdir, keep=2)
-    checkpointer.save(7, state, DataPosition(1, 0), {"task": "pretrain"})
+    config = {"task": "pretrain", "schedule": {"resolution": 64},
+              "model": {"size": "tiny", "width": 32, "depth": DEPTH, "heads": 2, "patch": 16, "decoder_width": 16,
+                        "decoder_depth": 1, "decoder_heads": 2, "norm_pix_loss": True, "dtype": "float32"}}
+    checkpointer.save(7, state, DataPosition(1, 0), config)
     checkpointer.close()
     return workdir, state.params
 
 
 def test_init_from_our_pretraining_maps_the_encoder_and_keeps_a_fresh_head(pretrain_workdir, vit_params):
     workdir, mae_params = pretrain_workdir
-    restored = pretrained.restore_pretrain_params(workdir)
+    restored, step, _ = restore_params(workdir)
+    assert step == 7
     flat_restored = traverse_util.flatten_dict(restored)
     for path, value in traverse_util.flatten_dict(mae_params).items():
         np.testing.assert_array_equal(flat_restored[path], np.asarray(value))
@@ -178,22 +183,23 @@ def test_init_from_our_pretraining_maps_the_encoder_and_keeps_a_fresh_head(pretr
     np.testing.assert_array_equal(merged["head"]["kernel"], np.asarray(vit_params["head"]["kernel"]))
     np.testing.assert_array_equal(merged["fc_norm"]["scale"], np.asarray(vit_params["fc_norm"]["scale"]))
     assert set(report["fresh"]) == {"head/kernel", "head/bias", "fc_norm/scale", "fc_norm/bias"}
-    assert "norm/scale" in report["unused"] and not any(u.startswith("blocks_") for u in report["unused"])
+    assert "norm.weight" in report["unused"] and not any(u.startswith("blocks.") for u in report["unused"])
+    assert report["loaded"] == len(traverse_util.flatten_dict(vit_params)) - 4
 
 
 def test_init_errors_are_one_line_and_name_the_key(pretrain_workdir, tmp_path):
     workdir, _ = pretrain_workdir
     wider = VisionTransformer(width=48, depth=DEPTH, heads=2, patch=16, num_classes=5, global_pool=True)
     params = jax.eval_shape(wider.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
-    with pytest.raises(pretrained.PretrainedError, match=r"^init: pretrained .* has shape .* model\.size"):
+    with pytest.raises(pretrained.PretrainedError, match=r"^init.workdir .*: encoder checkpoint: .* has shape .*model.size/width"):
         pretrained.init_from_pretrained(_init_config(workdir), params)
     deeper = VisionTransformer(width=32, depth=DEPTH + 1, heads=2, patch=16, num_classes=5, global_pool=True)
     params = jax.eval_shape(deeper.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
-    with pytest.raises(pretrained.PretrainedError, match="lacks blocks_3"):
+    with pytest.raises(pretrained.PretrainedError, match=r"^init.workdir .*: missing key blocks\.3\."):
         pretrained.init_from_pretrained(_init_config(workdir), params)
     with pytest.raises(pretrained.PretrainedError, match="^init.workdir: no checkpoint"):
         pretrained.init_from_pretrained(_init_config(tmp_path), params)
-    with pytest.raises(pretrained.PretrainedError, match=r"^init.step: no checkpoint 3 .* \[7\]"):
+    with pytest.raises(pretrained.PretrainedError, match=r"^init.step: no checkpoint for step 3 .* available: 7$"):
         pretrained.init_from_pretrained(_init_config(workdir, step=3), params)
 
 

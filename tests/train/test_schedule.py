@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from dailymae_jax.train import schedule
-from dailymae_jax.train.schedule import Stage
+from dailymae_jax import schedule
+from dailymae_jax.schedule import Stage
 
 
 def mae_lr(step, peak, total, warmup, min_lr=0.0):

@@ -9,7 +9,7 @@ that were defined for 800 epochs (boundaries at epochs 200 and 400) keep their s
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import optax
 
@@ -146,3 +146,14 @@ def scaled_learning_rate(base_lr: float, global_batch: int) -> float:
     """MAE's linear scaling rule: lr = blr · batch / 256 (batch = effective batch, accumulation included)."""
     return base_lr * global_batch / 256
 
+
+
+def run_learning_rate(train: Any, *, global_batch: int, steps_per_epoch: int) -> Callable[[int], float]:
+    """The learning-rate schedule of a run, from its ``train`` config block (every task builds it here).
+
+    Peak ``base_lr · global_batch / 256``, ``warmup_epochs`` of linear warmup, then a half-cycle cosine to
+    ``min_lr`` at the end of ``epochs``; stepped per iteration.
+    """
+    return learning_rate_schedule(peak_lr=scaled_learning_rate(train.base_lr, global_batch),
+                                  total_steps=train.epochs * steps_per_epoch,
+                                  warmup_steps=int(train.warmup_epochs * steps_per_epoch), min_lr=train.min_lr)
