@@ -22,6 +22,8 @@ Progressive resolution during finetuning: --config.schedule.stages='((0, 160), (
 
 import ml_collections
 
+from configs import common
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -97,4 +99,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.checkpoint = ml_collections.ConfigDict()
     c.checkpoint.every_steps = 2000
     c.checkpoint.keep = 2
+    c.distributed = common.distributed()
     return c

@@ -15,6 +15,8 @@ Other progressive schedules: --config.schedule.preset=scheme1 … scheme6, palin
 
 import ml_collections
 
+from configs import common
+
 
 def get_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -79,15 +81,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.report.num_reconstructions = 8
     c.report.reconstruction_every_epochs = 50  # PNG + TensorBoard image; 0 = only at the end of the run
 
-    # Several processes on JAX's multi-controller runtime (docs/DISTRIBUTED.md). With num_processes = 0 a run
-    # launched by `srun` with several tasks takes all three values from Slurm; anything else is one process.
-    c.distributed = ml_collections.ConfigDict()
-    c.distributed.coordinator_address = ""  # host:port of process 0; "" = Slurm's first node (or alone)
-    c.distributed.num_processes = 0  # 0 = from Slurm (SLURM_STEP_NUM_TASKS), else 1
-    c.distributed.process_id = -1  # -1 = from Slurm (SLURM_PROCID)
-    c.distributed.initialization_timeout = 300  # s for all processes to join (and to see process 0's sample data)
-    # A process silent this long counts as dead and the runtime stops all others: bounds how long a run hangs
-    # after a crash or a lost node, at the risk of false alarms if set below a few seconds.
-    c.distributed.heartbeat_timeout = 100
-    c.distributed.shutdown_timeout = 300  # s a finished process waits at exit for the others (process 0 exports)
+    c.distributed = common.distributed()
     return c

@@ -1,5 +1,8 @@
 """Checks shared by every task, run before anything is built or compiled, and the schedule's stages.
 
+It reads the data and model layers' facts (the model sizes, the crop keys' process shares) to check a config
+against them, so it sits above both.
+
 Every error is a ``ConfigError`` whose message is one line naming the key and what is allowed;
 ``main`` prints it and exits with code 2.
 """
@@ -7,38 +10,43 @@ Every error is a ``ConfigError`` whose message is one line naming the key and wh
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import ml_collections
 
-from dailymae_jax.model.vit import SIZES, VitSize
+from dailymae_jax.errors import ConfigError
+from dailymae_jax.model.build import MODEL_DTYPES, model_size
 from dailymae_jax.schedule import Stage, preset_stages, validate_stages
 
 TASKS = ("pretrain", "finetune", "linprobe")
 CLASSIFIER_TASKS = ("finetune", "linprobe")
-MODEL_DTYPES = ("float32", "bfloat16")  # model.dtype: the compute dtype (parameters stay float32)
 PROBE_FEATURES = ("visible", "full")  # probe.features of pretraining's online probe
 INIT_SOURCES = ("pretrain", "file", "scratch")  # init.source of a classifier: where its encoder comes from
 INIT_FORMATS = ("mae", "timm")  # init.format of a PyTorch file: official MAE or timm key layout
 
 
-class ConfigError(ValueError):
-    """A configuration value that cannot work; the message names the key."""
+def load_config_file(path: str | Path, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """The ``get_config()`` of the recipe file at ``path`` with ``--config.<field>=<value>`` overrides applied,
+    parsed as ml_collections parses ``dailymae_jax.main``'s command line (the config is locked: an override of
+    a field the recipe lacks is an error, not a new field).
 
+    Raises ConfigError naming the missing file or the override that cannot apply.
+    """
+    from absl import flags
+    from ml_collections import config_flags
 
-def model_size(config: ml_collections.ConfigDict) -> VitSize:
-    """The encoder size: a named size, with any of width/depth/heads/patch overridden."""
-    m = config.model
-    if m.size not in SIZES:
-        raise ConfigError(f"model.size: unknown size {m.size!r}; allowed: {', '.join(SIZES)}")
-    base = SIZES[m.size]
-    overrides = {k: m.get(k) for k in ("width", "depth", "heads", "patch") if m.get(k) is not None}
-    size = VitSize(**{**base.__dict__, **overrides})
-    if size.width % size.heads:
-        raise ConfigError(f"model.width {size.width} is not divisible by model.heads {size.heads}")
-    if size.width % 4:
-        raise ConfigError(f"model.width {size.width} must be divisible by 4 (2-D sin-cos position table)")
-    return size
+    if not Path(path).is_file():
+        raise ConfigError(f"--config: no such file {path}")
+    argv = ["dailymae_jax", f"--config={path}", *overrides]
+    values = flags.FlagValues()  # private flags: nothing leaks into absl's global FLAGS
+    config_flags.DEFINE_config_file("config", None, flag_values=values, lock_config=True, sys_argv=argv)
+    try:
+        values(argv)
+    except (AttributeError, KeyError) as error:
+        raise ConfigError(f"config override: {path} has no field {error}") from None
+    except (flags.Error, TypeError, ValueError) as error:
+        raise ConfigError(f"config override: {error}") from None
+    return values.config
 
 
 def stages(config: ml_collections.ConfigDict) -> tuple[Stage, ...]:

@@ -30,7 +30,7 @@ from typing import Callable, Mapping, Sequence
 
 import ml_collections
 
-from dailymae_jax.config import ConfigError
+from dailymae_jax.errors import ConfigError
 from dailymae_jax.guards import SignalGuard
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import numpy as np
 from flax import traverse_util
 
-from dailymae_jax import report
+from dailymae_jax import files
 from dailymae_jax.model.mae import encoder_params
 from dailymae_jax.model.vit import sincos_pos_embed_2d
 
@@ -92,18 +92,6 @@ def torch_shape(path: tuple[str, ...], shape: tuple[int, ...]) -> tuple[int, ...
     return tuple(shape)
 
 
-def from_state_dict(state: Mapping[str, Any]) -> dict[str, Any]:
-    """PyTorch-named arrays (either format, or ``{'model': ...}``) → nested Flax params.
-
-    Position tables are dropped: ours are computed exactly for whatever grid the model runs at.
-    Classification heads (``head.*``, ``fc_norm.*``) are kept under the same names. This converts names and
-    layouts only; :mod:`dailymae_jax.pretrained` checks a checkpoint against a model and loads it.
-    """
-    flat = dict(flax_leaf(flax_path(key), value) for key, value in unwrap_state_dict(state).items()
-                if key not in POSITION_TABLES)
-    return traverse_util.unflatten_dict(flat)
-
-
 def unwrap_state_dict(obj: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """The flat name → float32 array dict inside a checkpoint object.
 
@@ -134,7 +122,7 @@ def save_state_dict(state: dict[str, np.ndarray], path: str | Path, *, fmt: str)
     if path.suffix not in (".safetensors", ".pth"):
         raise ValueError(f"export file {path}: the name must end in .pth or .safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with report.atomic_path(path) as tmp:
+    with files.atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.numpy import save_file
             save_file(state, str(tmp), metadata={"format": fmt, "layout": "pytorch"})
@@ -251,6 +239,6 @@ def save_reference_batch(batch: Mapping[str, np.ndarray], path: str | Path) -> P
     if path.suffix != ".npz":
         raise ValueError(f"reference batch file {path}: the name must end in .npz")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with report.atomic_path(path) as tmp, open(tmp, "wb") as file:  # a file object: savez adds no suffix
+    with files.atomic_path(path) as tmp, open(tmp, "wb") as file:  # a file object: savez adds no suffix
         np.savez(file, **batch)
     return path

@@ -37,7 +37,8 @@ import numpy as np
 from flax import traverse_util
 
 from dailymae_jax import export
-from dailymae_jax.config import INIT_FORMATS, INIT_SOURCES, ConfigError
+from dailymae_jax.config import INIT_FORMATS, INIT_SOURCES
+from dailymae_jax.errors import ConfigError
 from dailymae_jax.model.build import mae_from_config
 from dailymae_jax.model.mae import DECODER_PARAM_PREFIXES, MaskedAutoencoder
 from dailymae_jax.model.vit import sincos_pos_embed_2d

@@ -2,52 +2,36 @@
 
 from __future__ import annotations
 
-import contextlib
+import importlib.metadata
 import importlib.util
 import json
 import math
-import os
+import platform
+import subprocess
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
 
 
-def write_json(path: str | Path, payload: Any) -> None:
-    """Writes JSON atomically (see :func:`write_text_atomically`)."""
-    write_text_atomically(path, json.dumps(payload, indent=2, sort_keys=True, default=_jsonable) + "\n")
-
-
-def write_text_atomically(path: str | Path, text: str) -> None:
-    """Writes ``text`` to ``path`` through :func:`atomic_path`."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside ``path`` for a writer, renamed onto ``path`` when the block completes and removed
-    when it raises: a reader never sees half a file, and a failed write leaves the old file (if any) and no
-    temporary file behind. The temporary is ``.<name>.tmp-<pid>`` (hidden; the pid keeps two writers apart)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+def software_versions(distributions: Sequence[str]) -> dict[str, str]:
+    """The Python version, the version of each of ``distributions`` that is installed, and the NVIDIA driver's
+    where ``nvidia-smi`` answers: what a measurement's numbers depend on besides the code."""
+    versions = {"python": platform.python_version()}
+    for name in distributions:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
     try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=30)
+        if smi.returncode == 0 and smi.stdout.strip():
+            versions["nvidia_driver"] = smi.stdout.strip().splitlines()[0].split(",")[-1].strip()
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    return versions
 
 
 class MetricsWriter:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dailymae_jax import augment, report
+from dailymae_jax import augment
 from dailymae_jax.model.mae import patch_mean_std, patchify, unpatchify
 
 
@@ -28,10 +27,8 @@ def reconstruct(model: nn.Module, params, images_u8: np.ndarray, *, mask_ratio: 
     return {"original": images_u8, **pictures}
 
 
-# One compiled program per (model, image shape, mask ratio). Run op by op, the model compiled each of its
-# operations (92 programs for a 2-block test model) at every new resolution, and the demo's training paused
-# 6-7 s at each reconstruction; 1.6-2.2 s jitted, and 0.3 s now that Pretraining compiles the programs it will
-# need before training (docs/PERFORMANCE.md).
+# One compiled program per (model, image shape, mask ratio): run op by op, the model would compile each of
+# its operations at every new resolution. Pretraining compiles the programs it will need before step 0.
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _reconstruct(model: nn.Module, params, images_u8: jax.Array, noise: jax.Array,
                  mask_ratio: float) -> dict[str, jax.Array]:
@@ -53,13 +50,3 @@ def _reconstruct(model: nn.Module, params, images_u8: jax.Array, noise: jax.Arra
         "reconstruction": as_image(pred),
         "pasted": as_image(jnp.where(removed, pred, patches)),
     }
-
-
-def save_reconstructions(path: str | Path, model: nn.Module, params, images_u8: np.ndarray, *,
-                         mask_ratio: float, rng: jax.Array) -> Path:
-    """Writes the reconstruction grid (original | masked | reconstruction | pasted) as a PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pictures = reconstruct(model, params, images_u8, mask_ratio=mask_ratio, rng=rng)
-    report.save_png(path, report.reconstruction_grid(**pictures))
-    return path

@@ -53,3 +53,43 @@ def run_command(cmd: list[str], *, devices: int = 1, check: bool = True,
     if check and result.returncode != 0:
         raise AssertionError(f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+# A training run through the real command line whose step function (``<task module>.<builder>``) is wrapped so
+# that the step producing ``state.step == at`` returns NaN parameters and loss.
+_POISONED_RUN = """
+import sys
+import jax, jax.numpy as jnp
+from dailymae_jax.train import {task}
+
+real = {task}.{builder}
+
+def poisoned(*args, **kwargs):
+    step = real(*args, **kwargs)
+
+    def wrapped(state, images, labels):
+        state, metrics = step(state, images, labels)
+        scale = jnp.where(state.step == {at}, jnp.nan, 1.0)  # the step that produced state.step
+        state = state.replace(params=jax.tree.map(lambda p: p * scale, state.params))
+        return state, dict(metrics, loss=metrics["loss"] * scale)
+    return wrapped
+
+{task}.{builder} = poisoned
+from dailymae_jax import main
+sys.argv = {argv!r}
+main.run()
+"""
+
+
+def poisoned_run_command(main_args: list[str], *, task: str, builder: str, at: int) -> list[str]:
+    """The command of ``python -m dailymae_jax.main *main_args`` with a NaN injected at step ``at``."""
+    argv = ["dailymae_jax.main", *main_args]
+    return [sys.executable, "-c", _POISONED_RUN.format(task=task, builder=builder, at=at, argv=argv)]
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Every test under tests/e2e is an end-to-end run: marked slow, so `make test-fast` leaves it out."""
+    e2e = Path(__file__).resolve().parent / "e2e"
+    for item in items:
+        if e2e in Path(item.fspath).resolve().parents:
+            item.add_marker(pytest.mark.slow)

@@ -32,6 +32,36 @@ def imports() -> dict[str, set[str]]:
     return graph
 
 
+# The layers, bottom first (docs/DESIGN.md). A module may import its own layer and the layers below it.
+LAYERS = (
+    ("foundation", ("errors", "files", "schedule", "guards")),
+    ("data and on-device augmentation", ("data", "augment")),
+    ("model", ("model",)),
+    ("config", ("config",)),
+    ("processes", ("distributed",)),
+    ("outputs", ("checkpoint", "export", "pretrained", "report", "visualize")),
+    ("train", ("train",)),
+    ("entry point", ("main",)),
+)
+
+
+def layer_of(module: str) -> int:
+    if module == "dailymae_jax":
+        return len(LAYERS)  # the package's own __init__
+    top = module.split(".")[1]
+    for index, (_, members) in enumerate(LAYERS):
+        if top in members:
+            return index
+    raise AssertionError(f"{module} is in no layer of LAYERS: add it there and to docs/DESIGN.md")
+
+
+def test_imports_point_down_the_layers():
+    upward = [f"{name} ({LAYERS[layer_of(name)][0]}) imports {target} ({LAYERS[layer_of(target)][0]})"
+              for name, targets in imports().items() for target in sorted(targets)
+              if layer_of(target) > layer_of(name)]
+    assert not upward, "\n".join(upward)
+
+
 def test_data_and_model_never_import_train():
     for name, targets in imports().items():
         if name.startswith(("dailymae_jax.data", "dailymae_jax.model")):

@@ -1,17 +1,26 @@
 """Importing pretrained weights: exact round trips JAX → PyTorch files → JAX, what an encoder load keeps and
-ignores, one-line errors naming the key, and refusing learned position tables."""
+ignores, one-line errors naming the key, refusing learned position tables, and where classifiers start
+(``init_from_pretrained``: our pretraining checkpoints, PyTorch files)."""
 
 import argparse
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import optax
+import torch
+from flax import traverse_util
 
 from dailymae_jax import export
+from dailymae_jax import pretrained as pretrained_lib
+from dailymae_jax.checkpoint import Checkpointer, DataPosition, restore_params
 from dailymae_jax.model.mae import MaskedAutoencoder, encoder_params
+from dailymae_jax.model.probe import LinearProbe
 from dailymae_jax.model.vit import VisionTransformer
 from dailymae_jax.pretrained import load_encoder_weights, load_mae_weights
+from dailymae_jax.train.state import init_state, make_optimizer, make_probe_optimizer
 
 D, DEPTH, HEADS, P, DD = 64, 2, 4, 16, 32
 
@@ -175,3 +184,100 @@ def test_learned_table_cannot_enter_a_fixed_table_model(pretrained):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_mae_weights({}, tmp_path / "nope.pth")
+
+
+# ------------------------------------------------------------------------------------------------
+# Where classifiers start (config.init).
+# ------------------------------------------------------------------------------------------------
+
+DEPTH_FT = 3
+CLASSIFIER = VisionTransformer(width=32, depth=DEPTH_FT, heads=2, patch=16, num_classes=5, global_pool=True)
+
+
+@pytest.fixture(scope="module")
+def classifier_params():
+    return jax.jit(CLASSIFIER.init)(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
+
+
+@pytest.fixture(scope="module")
+def pretrain_workdir(tmp_path_factory):
+    """An orbax checkpoint of a small MAE pretraining state, as the pretrain task writes it."""
+    mae = MaskedAutoencoder(width=32, depth=DEPTH_FT, heads=2, patch=16, decoder_width=16, decoder_depth=1,
+                            decoder_heads=2)
+    tx = make_optimizer(learning_rate=optax.constant_schedule(1e-3), weight_decay=0.05, b1=0.9, b2=0.95)
+    state = jax.jit(functools.partial(init_state, model=mae, probe=LinearProbe(num_classes=4), tx=tx,
+                                      probe_tx=make_probe_optimizer(1e-3), resolution=64, mask_ratio=0.75))(
+        jax.random.PRNGKey(1))
+    workdir = tmp_path_factory.mktemp("pretrain")
+    checkpointer = Checkpointer(workdir, keep=2)
+    config = {"task": "pretrain", "schedule": {"resolution": 64},
+              "model": {"size": "tiny", "width": 32, "depth": DEPTH_FT, "heads": 2, "patch": 16, "decoder_width": 16,
+                        "decoder_depth": 1, "decoder_heads": 2, "norm_pix_loss": True, "dtype": "float32"}}
+    checkpointer.save(7, state, DataPosition(1, 0), config)
+    checkpointer.close()
+    return workdir, state.params
+
+
+def test_init_from_our_pretraining_maps_the_encoder_and_keeps_a_fresh_head(pretrain_workdir, classifier_params):
+    workdir, mae_params = pretrain_workdir
+    restored, step, _ = restore_params(workdir)
+    assert step == 7
+    flat_restored = traverse_util.flatten_dict(restored)
+    for path, value in traverse_util.flatten_dict(mae_params).items():
+        np.testing.assert_array_equal(flat_restored[path], np.asarray(value))
+    config = _init_config(workdir)
+    merged, report = pretrained_lib.init_from_pretrained(config, classifier_params)
+    np.testing.assert_array_equal(merged["blocks_1"]["attn"]["qkv"]["kernel"],
+                                  np.asarray(mae_params["blocks_1"]["attn"]["qkv"]["kernel"]))
+    np.testing.assert_array_equal(merged["cls_token"], np.asarray(mae_params["cls_token"]))
+    np.testing.assert_array_equal(merged["head"]["kernel"], np.asarray(classifier_params["head"]["kernel"]))
+    np.testing.assert_array_equal(merged["fc_norm"]["scale"], np.asarray(classifier_params["fc_norm"]["scale"]))
+    assert set(report["fresh"]) == {"head/kernel", "head/bias", "fc_norm/scale", "fc_norm/bias"}
+    assert "norm.weight" in report["unused"] and not any(u.startswith("blocks.") for u in report["unused"])
+    assert report["loaded"] == len(traverse_util.flatten_dict(classifier_params)) - 4
+
+
+def test_init_errors_are_one_line_and_name_the_key(pretrain_workdir, tmp_path):
+    workdir, _ = pretrain_workdir
+    wider = VisionTransformer(width=48, depth=DEPTH_FT, heads=2, patch=16, num_classes=5, global_pool=True)
+    params = jax.eval_shape(wider.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
+    with pytest.raises(pretrained_lib.PretrainedError, match=r"^init.workdir .*: encoder checkpoint: .* has shape .*model.size/width"):
+        pretrained_lib.init_from_pretrained(_init_config(workdir), params)
+    deeper = VisionTransformer(width=32, depth=DEPTH_FT + 1, heads=2, patch=16, num_classes=5, global_pool=True)
+    params = jax.eval_shape(deeper.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
+    with pytest.raises(pretrained_lib.PretrainedError, match=r"^init.workdir .*: missing key blocks\.3\."):
+        pretrained_lib.init_from_pretrained(_init_config(workdir), params)
+    with pytest.raises(pretrained_lib.PretrainedError, match="^init.workdir: no checkpoint"):
+        pretrained_lib.init_from_pretrained(_init_config(tmp_path), params)
+    with pytest.raises(pretrained_lib.PretrainedError, match=r"^init.step: no checkpoint for step 3 .* available: 7$"):
+        pretrained_lib.init_from_pretrained(_init_config(workdir, step=3), params)
+
+
+def _init_config(workdir, step=None):
+    import ml_collections
+    c = ml_collections.ConfigDict()
+    c.init = ml_collections.ConfigDict({"source": "pretrain", "workdir": str(workdir), "path": "", "format": "mae"})
+    c.init.step = ml_collections.config_dict.placeholder(int)
+    c.init.step = step
+    return c
+
+
+@pytest.mark.parametrize("fmt", ["timm", "mae"])
+def test_init_from_an_exported_pytorch_file_loads_the_encoder(pretrain_workdir, classifier_params, tmp_path, fmt):
+    from dailymae_jax import export
+
+    _, mae_params = pretrain_workdir
+    state = export.to_state_dict(jax.device_get(mae_params), fmt=fmt, width=32,
+                                 decoder_width=16 if fmt == "mae" else None, grid=(4, 4))
+    path = export.save_state_dict(state, tmp_path / f"{fmt}.safetensors", fmt=fmt)
+    config = _init_config(tmp_path)
+    config.init.source, config.init.path, config.init.format = "file", str(path), fmt
+    config.schedule = {"resolution": 64}
+    merged, report = pretrained_lib.init_from_pretrained(config, classifier_params)
+    assert report["source"] == "file"
+    np.testing.assert_array_equal(merged["blocks_1"]["attn"]["qkv"]["kernel"],
+                                  np.asarray(mae_params["blocks_1"]["attn"]["qkv"]["kernel"]))
+    np.testing.assert_array_equal(merged["head"]["kernel"], np.asarray(classifier_params["head"]["kernel"]))
+    config.init.path = str(tmp_path / "missing.pth")
+    with pytest.raises(pretrained_lib.PretrainedError, match="^init.path: no such file"):
+        pretrained_lib.init_from_pretrained(config, classifier_params)

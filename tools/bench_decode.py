@@ -42,8 +42,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Run as a script, Python puts tools/ on sys.path, not the repository root that holds dailymae_jax, configs/
+# and tools/ (imported as tools.<name>, the root is already there).
+if not __package__:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 STAGES = ("crop", "crop_rgb_rows", "crop_no_index", "crop_libjpeg_huffman", "crop_decode_only", "resample_only",
           "resample_pil_bicubic", "resample_cv2_cubic", "resample_cv2_linear", "resample_cv2_area",
@@ -63,7 +65,7 @@ def measure(records: list[np.ndarray], res: int, rounds: int, scale, ratio, seed
     import cv2
     from PIL import Image, JpegImagePlugin
 
-    from bench_loader import loader_boxes
+    from tools.bench_loader import loader_boxes
 
     from dailymae_jax.data import jpeg_crop
 
@@ -151,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.images < 1 or args.rounds < 1 or min(args.res) < 1:
         parser.error("--images, --rounds and --res must be at least 1")
 
-    from bench_loader import jpeg_records
+    from tools.bench_loader import jpeg_records
 
-    from dailymae_jax.report import write_json
+    from dailymae_jax.files import write_json
 
     records = jpeg_records(args.beton, args.images)
     if not records:

@@ -28,8 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Run as a script, Python puts tools/ on sys.path, not the repository root that holds dailymae_jax, configs/
+# and tools/ (imported as tools.<name>, the root is already there).
+if not __package__:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _bind(path: str):
@@ -101,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, AttributeError) as error:  # not a shared library, or not the kernel
         parser.error(f"cannot load a kernel build: {error}")
 
-    from bench_loader import jpeg_records, loader_boxes
+    from tools.bench_loader import jpeg_records, loader_boxes
 
-    from dailymae_jax.report import write_json
+    from dailymae_jax.files import write_json
 
     records = jpeg_records(args.beton, args.images)
     if not records:

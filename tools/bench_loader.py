@@ -52,7 +52,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Run as a script, Python puts tools/ on sys.path, not the repository root that holds dailymae_jax, configs/
+# and tools/ (imported as tools.<name>, the root is already there).
+if not __package__:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 LOADERS = ("crop_decode", "ffcv_stock", "pil", "bound")
 EXTRA_LOADERS = ("crop_decode_noindex", "crop_decode_only")
@@ -474,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
             bound_betons[str(res)] = write_bound_beton(args.beton, res, work_dir, quality, chroma,
                                                        tuple(args.scale), tuple(args.ratio), args.seed)
 
-    from dailymae_jax.report import write_json
+    from dailymae_jax.files import write_json
 
     machine = _machine()
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -20,8 +20,10 @@ import argparse
 import sys
 from pathlib import Path
 
-# Running as `python tools/...` puts tools/ (not the repo root) on sys.path.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Run as a script, Python puts tools/ on sys.path, not the repository root that holds dailymae_jax, configs/
+# and tools/ (imported as tools.<name>, the root is already there).
+if not __package__:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dailymae_jax import export  # noqa: E402
 from dailymae_jax.pretrained import load_run  # noqa: E402

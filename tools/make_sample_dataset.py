@@ -10,8 +10,10 @@ import json
 import sys
 from pathlib import Path
 
-# Running as `python tools/...` puts tools/ (not the repo root) on sys.path.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Run as a script, Python puts tools/ on sys.path, not the repository root that holds dailymae_jax, configs/
+# and tools/ (imported as tools.<name>, the root is already there).
+if not __package__:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dailymae_jax.data.sample import make_sample_dataset  # noqa: E402
 

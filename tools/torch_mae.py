@@ -1,21 +1,23 @@
 """A PyTorch masked autoencoder and its pretraining step: the reference that tools/bench_train.py times ours against.
 
-Written from /work/shared/RECIPE.md §4 (the official MAE recipe), in plain torch so that it runs wherever torch
-does (no timm or torchvision import): conv patch embedding, a fixed 2-D sin-cos position table added before
-masking, per-sample random masking by sorting uniform noise, pre-norm ViT blocks (qkv bias, MLP ratio 4,
-LayerNorm eps 1e-6, attention through ``F.scaled_dot_product_attention``, which picks flash attention on GPU),
-a 512-wide decoder with a learned mask token, and the norm-pix MSE on removed patches only.
+Written from the official MAE recipe, in plain torch so that it runs wherever torch does (no timm or
+torchvision import): conv patch embedding, a fixed 2-D sin-cos position table added before masking, per-sample
+random masking by sorting uniform noise, pre-norm ViT blocks (qkv bias, MLP ratio 4, LayerNorm eps 1e-6,
+attention through ``F.scaled_dot_product_attention``, which picks flash attention on GPU), a 512-wide decoder
+with a learned mask token, and the norm-pix MSE on removed patches only.
 
 The step does what ours does per iteration (dailymae_jax/train/steps.py), so that both sides do the same work:
 uint8 NHWC images in, ImageNet normalisation and a random horizontal flip on device, the MAE loss under bf16
 autocast with float32 master weights, AdamW with MAE's decay mask, and the online linear probe (BatchNorm
 without affine → Linear, Adam) on the stop-gradient mean visible patch token before the final norm.
+``measure_pretrain_step`` times that step as dailymae_jax.train.benchmark times ours.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, NamedTuple
+import platform
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -255,3 +257,49 @@ class TorchPretrainStep:
 
 def parameter_count(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def measure_pretrain_step(model_settings: dict[str, Any], *, resolution: int, batch: int, num_classes: int,
+                          mask_ratio: float, lr: float, weight_decay: float, betas: tuple[float, float],
+                          probe_lr: float, hflip: bool, compile: bool, steps: int, warmup_steps: int,
+                          seed: int = 0) -> dict[str, Any]:
+    """Times the reference's step on synthetic uint8 batches already on the GPU (else the CPU), as ours is timed
+    (dailymae_jax.train.benchmark): ``warmup_steps`` untimed steps, then each of ``steps`` alone, blocking, with
+    batches rotating among a few. ``model_settings`` is the architecture as plain values (width, depth, heads,
+    patch, mlp_ratio, decoder_width, decoder_depth, decoder_heads, norm_pix_loss, and dtype: bf16 autocast for
+    "bfloat16"). Returns the measurement's record (step times, images per second, peak memory on GPU)."""
+    from dailymae_jax.train.benchmark import SYNTHETIC_BATCHES, finite_or_none, step_stats, time_steps
+    from dailymae_jax.train.compile import peak_bf16_flops
+
+    torch.manual_seed(seed)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    # float32 matrix products (outside autocast) may use TF32, as JAX's default precision does on GPU.
+    torch.set_float32_matmul_precision("high")
+    model = TorchMAE(resolution=resolution, **{k: v for k, v in model_settings.items() if k != "dtype"}).to(device)
+    probe = LinearProbe(model_settings["width"], num_classes).to(device)
+    step = TorchPretrainStep(model, probe, mask_ratio=mask_ratio, lr=lr, weight_decay=weight_decay, betas=betas,
+                             probe_lr=probe_lr, bf16=model_settings["dtype"] == "bfloat16", compile=compile,
+                             hflip=hflip)
+    batches = [(torch.randint(0, 256, (batch, resolution, resolution, 3), dtype=torch.uint8, device=device),
+                torch.randint(0, num_classes, (batch,), device=device)) for _ in range(SYNTHETIC_BATCHES)]
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    holder = {}
+
+    def run_step(i: int) -> None:
+        holder["loss"] = step(*batches[i % len(batches)])
+        if cuda:
+            torch.cuda.synchronize()
+
+    times, warmup_seconds = time_steps(run_step, warmup_steps, steps)
+    name = torch.cuda.get_device_name(device) if cuda else platform.processor() or "cpu"
+    return {"framework": "torch", "data": "synthetic", "resolution": resolution, "batch_size": batch,
+            "steps": steps, "device_kind": name, "platform": device.type, **step_stats(times, batch),
+            "warmup_seconds": warmup_seconds, "torch_compile": compile,
+            "final_loss": finite_or_none(float(holder["loss"])),
+            "peak_bf16_flops": peak_bf16_flops(name) if cuda else None,
+            "peak_memory_bytes": int(torch.cuda.max_memory_allocated()) if cuda else None,
+            "parameters": parameter_count(model)}

@@ -17,8 +17,10 @@ import sys
 from pathlib import Path
 from typing import Callable, NoReturn
 
-# Running as `python tools/...` puts tools/ (not the repo root) on sys.path.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# Run as a script, Python puts tools/ on sys.path, not the repository root that holds dailymae_jax, configs/
+# and tools/ (imported as tools.<name>, the root is already there).
+if not __package__:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dailymae_jax.data.write import (  # noqa: E402
     CHROMA_SUBSAMPLINGS, CROP_INDEX_SPACING, RECIPE_CHROMA, RECIPE_JPEG_QUALITY, RECIPE_MAX_RESOLUTION, WRITE_MODES,

@@ -164,7 +164,6 @@ class Batch:
     stage: Stage
     images: jax.Array  # uint8 (B, R, R, 3), sharded over the batch axis
     labels: jax.Array  # int32 (B,)
-    data_wait_s: float  # how long the host spent decoding this batch (prefetch hides it)
 
 
 class TrainLoader:
@@ -222,10 +221,9 @@ class TrainLoader:
                     stage = stage_at(self.stages, epoch)
                     first = start_step if epoch == start_epoch else 0
                     step = first
-                    tick = time.perf_counter()
                     for images, labels in self.host_batches(epoch, first):
                         batch = Batch(epoch, step, stage, self.sharding.images(images),
-                                      self.sharding.labels(labels), time.perf_counter() - tick)
+                                      self.sharding.labels(labels))
                         while not stop.is_set():
                             try:
                                 out.put(batch, timeout=0.1)
@@ -235,7 +233,6 @@ class TrainLoader:
                         if stop.is_set():
                             return
                         step += 1
-                        tick = time.perf_counter()
                 out.put(done)
             except BaseException as error:  # surfaced in the consumer, not lost in a thread
                 out.put(error)

@@ -41,9 +41,3 @@ class BatchSharding:
     def labels(self, local: np.ndarray) -> jax.Array:
         """int (b,) on this process → int32 (B,) global array."""
         return self._global(np.asarray(local, dtype=np.int32))
-
-    def check_divisible(self, global_batch: int) -> None:
-        devices = self.mesh.devices.size
-        if global_batch % devices:
-            raise ValueError(f"data.global_batch_size {global_batch} is not divisible by the device count "
-                             f"{devices}; allowed: multiples of {devices}")

@@ -27,7 +27,7 @@ import numpy as np
 
 from dailymae_jax.data.beton import jpeg_encoding, page_size_for, write_indexed
 from dailymae_jax.data.sources import ImageFolderSource, ImageSource
-from dailymae_jax.report import atomic_path, write_text_atomically
+from dailymae_jax.files import atomic_path, write_text_atomically
 
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
 CHROMA_SUBSAMPLINGS = ("420", "444")

@@ -12,19 +12,35 @@ from typing import Any, Mapping
 import jax.numpy as jnp
 import ml_collections
 
-from dailymae_jax import config as config_lib
+from dailymae_jax.errors import ConfigError
 from dailymae_jax.model.mae import MaskedAutoencoder, mae_from_size
-from dailymae_jax.model.vit import VisionTransformer, vit_from_size
+from dailymae_jax.model.vit import SIZES, VisionTransformer, VitSize, vit_from_size
 
 # config.model.dtype → the compute dtype of the model's matrix products. Parameters stay float32 either way.
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+MODEL_DTYPES = tuple(COMPUTE_DTYPES)
 
 
 def compute_dtype(name: str) -> Any:
     """The jnp dtype named by ``model.dtype``; raises ConfigError for any other name."""
     if name not in COMPUTE_DTYPES:
-        raise config_lib.ConfigError(f"model.dtype {name!r}; allowed: {', '.join(COMPUTE_DTYPES)}")
+        raise ConfigError(f"model.dtype {name!r}; allowed: {', '.join(COMPUTE_DTYPES)}")
     return COMPUTE_DTYPES[name]
+
+
+def model_size(config: ml_collections.ConfigDict | Mapping[str, Any]) -> VitSize:
+    """The encoder size: a named size, with any of width/depth/heads/patch overridden."""
+    m = _as_config(config).model
+    if m.size not in SIZES:
+        raise ConfigError(f"model.size: unknown size {m.size!r}; allowed: {', '.join(SIZES)}")
+    base = SIZES[m.size]
+    overrides = {k: m.get(k) for k in ("width", "depth", "heads", "patch") if m.get(k) is not None}
+    size = VitSize(**{**base.__dict__, **overrides})
+    if size.width % size.heads:
+        raise ConfigError(f"model.width {size.width} is not divisible by model.heads {size.heads}")
+    if size.width % 4:
+        raise ConfigError(f"model.width {size.width} must be divisible by 4 (2-D sin-cos position table)")
+    return size
 
 
 def _as_config(config: ml_collections.ConfigDict | Mapping[str, Any]) -> ml_collections.ConfigDict:
@@ -37,9 +53,20 @@ def mae_from_config(config: ml_collections.ConfigDict | Mapping[str, Any], *,
     exports and pictures)."""
     config = _as_config(config)
     m = config.model
-    return mae_from_size(config_lib.model_size(config), decoder_width=m.decoder_width,
+    return mae_from_size(model_size(config), decoder_width=m.decoder_width,
                          decoder_depth=m.decoder_depth, decoder_heads=m.decoder_heads,
                          norm_pix_loss=m.norm_pix_loss, dtype=dtype or compute_dtype(m.dtype))
+
+
+def mae_settings(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
+    """The architecture :func:`mae_from_config` builds, as plain JSON-ready values: encoder size (named size
+    and overrides resolved), decoder, loss target and compute dtype name. Reports record it, the analytic FLOPs
+    count (train/flops.py) reads it, and other frameworks' references are built from it."""
+    config = _as_config(config)
+    size, m = model_size(config), config.model
+    return {"width": size.width, "depth": size.depth, "heads": size.heads, "patch": size.patch,
+            "mlp_ratio": size.mlp_ratio, "decoder_width": m.decoder_width, "decoder_depth": m.decoder_depth,
+            "decoder_heads": m.decoder_heads, "norm_pix_loss": bool(m.norm_pix_loss), "dtype": m.dtype}
 
 
 def vit_from_config(config: ml_collections.ConfigDict | Mapping[str, Any], *, num_classes: int,
@@ -48,6 +75,6 @@ def vit_from_config(config: ml_collections.ConfigDict | Mapping[str, Any], *, nu
     are returned, as linear probing reads them). Global pooling and drop path come from ``model`` when set."""
     config = _as_config(config)
     m = config.model
-    return vit_from_size(config_lib.model_size(config), num_classes=num_classes,
+    return vit_from_size(model_size(config), num_classes=num_classes,
                          global_pool=bool(m.get("global_pool", False)),
                          drop_path=float(m.get("drop_path", 0.0)), dtype=dtype or compute_dtype(m.dtype))

@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from dailymae_jax import config as config_lib
-from dailymae_jax import report
+from dailymae_jax import files, report
 from dailymae_jax.checkpoint import Checkpointer
 from dailymae_jax.data.eval_loader import EvalLoader, EvalOrder
 from dailymae_jax.data.loader import Batch, CropSpec, EpochOrder, TrainLoader
@@ -188,7 +188,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, build_parts: Bui
         "last_checkpoint": str(checkpointer.path(last_step)) if last_step is not None else None,
     }
     if place.is_main:
-        report.write_json(place.workdir / "summary.json", summary)
+        files.write_json(place.workdir / "summary.json", summary)
     return summary
 
 

@@ -28,7 +28,7 @@ import jax
 import ml_collections
 
 from dailymae_jax import config as config_lib
-from dailymae_jax import distributed, guards, report
+from dailymae_jax import distributed, files, guards, report
 from dailymae_jax.checkpoint import Checkpointer, DataPosition, abstract_with_shardings
 from dailymae_jax.data.loader import Batch, TrainLoader
 from dailymae_jax.data.shard import make_mesh
@@ -72,7 +72,7 @@ def open_workplace(config: ml_collections.ConfigDict, workdir: str | Path) -> Wo
     compile_lib.enable_persistent_cache(config.train.compilation_cache_dir)
     is_main = jax.process_index() == 0
     if is_main:
-        report.write_json(workdir / "config.json", config_lib.to_dict(config))
+        files.write_json(workdir / "config.json", config_lib.to_dict(config))
     return Workplace(workdir, mesh, is_main)
 
 

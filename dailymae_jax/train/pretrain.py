@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import time
 from pathlib import Path
@@ -20,19 +19,17 @@ import ml_collections
 import numpy as np
 
 from dailymae_jax import config as config_lib
-from dailymae_jax import export, report, visualize
+from dailymae_jax import export, files, report, visualize
 from dailymae_jax import schedule as schedule_lib
 from dailymae_jax.checkpoint import Checkpointer
 from dailymae_jax.data.loader import CropSpec, EpochOrder, TrainLoader
 from dailymae_jax.data.prepare import dataset_info, sample_beton
 from dailymae_jax.data.shard import BatchSharding
-from dailymae_jax.model.build import mae_from_config
-from dailymae_jax.model.probe import LinearProbe
 from dailymae_jax.train import compile as compile_lib
 from dailymae_jax.train.loop import (TrainLoop, finished_summary, open_workplace, progress_for,
                                      starting_point)
-from dailymae_jax.train.state import init_state, make_optimizer, make_probe_optimizer, parameter_count
-from dailymae_jax.train.steps import PretrainStepConfig, make_pretrain_step
+from dailymae_jax.train.recipe import pretrain_recipe
+from dailymae_jax.train.state import parameter_count
 
 log = logging.getLogger(__name__)
 
@@ -81,33 +78,19 @@ class Pretraining:
         self.total_steps = self.epochs * self.steps_per_epoch
 
         # Model, optimizers and the state, born sharded or restored.
-        self.model = mae_from_config(config)
-        probe = LinearProbe(num_classes=max(data.num_classes, 2))
-        lr_schedule = schedule_lib.run_learning_rate(config.train, global_batch=self.batch_size,
-                                                     steps_per_epoch=self.steps_per_epoch)
-        tx = make_optimizer(learning_rate=lr_schedule, weight_decay=config.train.weight_decay,
-                            b1=config.train.b1, b2=config.train.b2)
-        probe_tx = make_probe_optimizer(config.probe.learning_rate)
-        init = functools.partial(init_state, model=self.model, probe=probe, tx=tx, probe_tx=probe_tx,
-                                 resolution=self.stages[0].resolution, mask_ratio=self.stages[0].mask_ratio)
+        recipe = pretrain_recipe(config, num_classes=data.num_classes, steps_per_epoch=self.steps_per_epoch)
+        self.model = recipe.model
         self.checkpointer = Checkpointer(self.workdir, keep=config.checkpoint.keep)
-        start = starting_point(init, config.seed, self.mesh, self.checkpointer)
+        start = starting_point(recipe.init_fn(self.stages[0].bucket), config.seed, self.mesh, self.checkpointer)
 
         # One warmed-up loader pipeline and one compiled step per resolution bucket.
         loader = TrainLoader(beton, stages=self.stages, order=self.order, sharding=BatchSharding(self.mesh),
                              num_workers=config.data.num_workers,
                              crop=CropSpec(tuple(config.data.crop_scale), tuple(config.data.crop_ratio)))
         log.info("loader pipelines ready: %s", {r: f"{s:.1f}s" for r, s in loader.warmup_seconds.items()})
-
-        def make_step(bucket: tuple[int, float]):
-            return make_pretrain_step(self.model, probe, tx, probe_tx, lr_schedule, PretrainStepConfig(
-                mask_ratio=bucket[1], patch=self.model.patch, hflip=config.data.hflip,
-                grad_accum_steps=config.train.grad_accum_steps,
-                probe_on_full_image=config.probe.features == "full"))
-
         buckets = sorted({s.bucket for s in self.stages})
         self.executables, self.compile_seconds = compile_lib.compile_buckets(
-            make_step, buckets, abstract_state=start.abstract_state, state_shardings=start.shardings,
+            recipe.make_step, buckets, abstract_state=start.abstract_state, state_shardings=start.shardings,
             mesh=self.mesh, global_batch=self.batch_size, resolution_of=lambda b: b[0])
         log.info("compiled %d buckets ahead of time: %s", len(buckets),
                  {f"{r}px/{m}": f"{s:.1f}s" for (r, m), s in self.compile_seconds.items()})
@@ -267,7 +250,7 @@ class Pretraining:
             summary["exports"] = {fmt: str(p) for fmt, p in export.export_run(
                 jax.device_get(self.state.params), self.model, self.workdir / "export", formats=tuple(self.config.export.formats),
                 resolution=self.config.schedule.resolution).items()}
-            report.write_json(self.workdir / "summary.json", summary)
+            files.write_json(self.workdir / "summary.json", summary)
         self.writer.close()
         return summary
 

@@ -15,7 +15,7 @@ from dailymae_jax.data.loader import EpochOrder, TrainLoader
 from dailymae_jax.data.shard import BatchSharding, make_mesh
 from dailymae_jax.schedule import Stage
 
-from beton_read import jpeg_blobs  # noqa: E402  (tests/data is on sys.path under pytest)
+from beton_read import jpeg_blobs  # noqa: E402  (pytest puts tests/data first on the import path)
 
 
 def test_epoch_order_is_a_permutation_and_independent_of_process_count():

@@ -17,7 +17,7 @@ from dailymae_jax.data.jpeg_crop import INFO_SIZE
 from dailymae_jax.data.sample import make_sample_dataset, source_photograph_paths
 from dailymae_jax.data.write import report_path, write_beton
 
-# tests/data is on sys.path when pytest imports these test files (its default "prepend" import mode).
+# pytest puts tests/data first on the import path when it imports these test files (its default "prepend" mode).
 from beton_read import jpeg_blobs, read_samples  # noqa: E402
 
 

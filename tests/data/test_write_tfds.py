@@ -19,7 +19,7 @@ from dailymae_jax.data.sample import make_sample_dataset
 from dailymae_jax.data.sources import TfdsSource
 from dailymae_jax.data.write import write_beton
 
-from beton_read import read_samples  # noqa: E402  (tests/data is on sys.path under pytest)
+from beton_read import read_samples  # noqa: E402  (pytest puts tests/data first on the import path)
 
 tfds = pytest.importorskip("tensorflow_datasets")
 

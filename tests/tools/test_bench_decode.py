@@ -9,11 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tools.bench_decode import STAGES
+
 REPO = Path(__file__).resolve().parents[2]
 TOOL = [sys.executable, str(REPO / "tools" / "bench_decode.py")]
-sys.path.insert(0, str(REPO / "tools"))
-
-from bench_decode import STAGES  # noqa: E402
 
 
 def test_bad_arguments_are_one_line_errors(tmp_path):

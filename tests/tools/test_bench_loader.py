@@ -53,11 +53,7 @@ def test_bound_files_copy_the_source_quality_and_chroma(sample_beton):
     import numpy as np
     from PIL import Image
 
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        from bench_loader import jpeg_settings, source_jpeg_settings
-    finally:
-        sys.path.remove(str(REPO / "tools"))
+    from tools.bench_loader import jpeg_settings, source_jpeg_settings
     from dailymae_jax.data.prepare import _SAMPLE_CHROMA, _SAMPLE_JPEG_QUALITY
 
     assert source_jpeg_settings(str(sample_beton)) == (_SAMPLE_JPEG_QUALITY, _SAMPLE_CHROMA)
@@ -101,11 +97,7 @@ def test_smoke_run_reports_every_loader(sample_beton, tmp_path):
 def test_keep_buffers_reuses_the_batch_memory_across_epochs(sample_beton):
     import numpy as np
 
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        from bench_loader import _ffcv_loader
-    finally:
-        sys.path.remove(str(REPO / "tools"))
+    from tools.bench_loader import _ffcv_loader
     for keep in (False, True):
         loader = _ffcv_loader("crop_decode", str(sample_beton), 32, 16, 1, (0.2, 1.0), (3 / 4, 4 / 3), 0, keep=keep)
         # Epoch one's batches stay referenced, so ffcv's fresh allocation for epoch two cannot land on them.
@@ -120,11 +112,7 @@ def test_report_of_a_run_stopped_between_resolutions():
     # run above measures one resolution: every further one would start six more child processes.)
     import argparse
 
-    sys.path.insert(0, str(REPO / "tools"))
-    try:
-        from bench_loader import _report
-    finally:
-        sys.path.remove(str(REPO / "tools"))
+    from tools.bench_loader import _report
     args = argparse.Namespace(res=[224, 112], json=Path("out.json"), child=None)
     runs = {("crop_decode", 224): {"rates": [100.0, 200.0, 300.0], "peak_rss_mb": 100.0},
             ("bound", 224): {"rates": [400.0, 200.0, 500.0], "peak_rss_mb": 50.0}}

@@ -9,9 +9,10 @@ import pytest
 
 from conftest import REPO, cpu_env
 from dailymae_jax.train.progress import Progress, Window, format_duration
+from tools.launch_local import free_port
 
-sys.path.insert(0, str(REPO / "tools"))  # tools/ is not a package on the path
-from launch_local import free_port  # noqa: E402
+
+NAMES = ("loss", "grad_norm", "probe_loss", "probe_accuracy", "lr")
 
 
 def step_metrics(loss, lr):
@@ -20,7 +21,7 @@ def step_metrics(loss, lr):
 
 
 def test_window_means_last_lr_and_eta():
-    progress = Progress(total_steps=100, device_kind="cpu")
+    progress = Progress(total_steps=100, metric_names=NAMES, device_kind="cpu")
     losses = [1.0, 0.5, 0.25, 0.125]
     for i, loss in enumerate(losses):
         progress.add(step_metrics(loss, lr=i * 1e-3), images=16, data_wait_seconds=0.0)
@@ -38,7 +39,7 @@ def test_window_means_last_lr_and_eta():
 
 def test_mfu_uses_the_compiled_flops_and_the_device_peak():
     now = [0.0]
-    progress = Progress(total_steps=10, flops_per_step={(224, 0.75): 989e12 * 0.5},
+    progress = Progress(total_steps=10, metric_names=NAMES, flops_per_step={(224, 0.75): 989e12 * 0.5},
                         device_kind="NVIDIA H100 80GB HBM3", clock=lambda: now[0])
     progress.add(step_metrics(1.0, 0.0), images=8, data_wait_seconds=0.0)
     progress.add(step_metrics(1.0, 0.0), images=8, data_wait_seconds=0.0)
@@ -46,6 +47,25 @@ def test_mfu_uses_the_compiled_flops_and_the_device_peak():
     scalars, _ = progress.flush(step=2, bucket=(224, 0.75))
     assert scalars["mfu"] == pytest.approx(0.5)
     assert scalars["images_per_second"] == pytest.approx(8.0) and scalars["eta_seconds"] == pytest.approx(8.0)
+
+
+def test_excluded_time_leaves_the_window_and_the_line_shows_the_task_metrics():
+    now = [0.0]
+    progress = Progress(total_steps=10, metric_names=("loss", "grad_norm", "train_top1", "lr"), device_kind="cpu",
+                        clock=lambda: now[0], line_metrics=(("train_top1", "train top-1"),))
+    metrics = {"loss": jnp.float32(2.0), "grad_norm": jnp.float32(1.0), "train_top1": jnp.float32(0.5),
+               "lr": jnp.float32(1e-3)}
+    progress.add(metrics, images=8, data_wait_seconds=0.5)
+    now[0] = 3.0
+    progress.exclude(2.0)  # e.g. a validation pass inside the window: not training time
+    scalars, window = progress.flush(step=1, bucket=64)
+    assert window.seconds == pytest.approx(1.0) and scalars["images_per_second"] == pytest.approx(8.0)
+    assert scalars["data_wait_share"] == pytest.approx(0.5) and scalars["train_top1"] == pytest.approx(0.5)
+    line = progress.line(1, 0, 2, scalars)
+    assert line.startswith("step 1/10 (10%) epoch 1/2: loss 2.0000 lr 1.00e-03 train top-1 0.500 | 8 img/s")
+    progress.add(metrics, images=8, data_wait_seconds=0.0)
+    now[0] = 4.0
+    assert progress.flush(step=2, bucket=64)[1].seconds == pytest.approx(1.0)  # the exclusion was that window's
 
 
 def test_data_bound_warning_threshold():
@@ -74,7 +94,7 @@ jax.distributed.initialize(address, num_processes=2, process_id=process_id, init
 mesh = Mesh(jax.devices(), ("data",))  # starting the backends waits for every process: skew comes after
 if process_id == 1:
     time.sleep(40)
-Progress(total_steps=1, device_kind="cpu").warm_up(NamedSharding(mesh, P()))
+Progress(total_steps=1, metric_names=("loss", "grad_norm", "lr"), device_kind="cpu").warm_up(NamedSharding(mesh, P()))
 distributed.barrier("training")
 x = jax.jit(lambda: jnp.ones(2), out_shardings=NamedSharding(mesh, P("data")))()
 print("total", float(jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(x)))

@@ -1,4 +1,5 @@
-"""The pretraining step on real photographs: optimizer masks, RNG folding, accumulation, compilation."""
+"""The steps on real photographs: pretraining (optimizer masks, RNG folding, accumulation, compilation), finetuning
+and linear probing."""
 
 import functools
 
@@ -11,8 +12,12 @@ import pytest
 from dailymae_jax.data.shard import make_mesh
 from dailymae_jax.model.mae import MaskedAutoencoder
 from dailymae_jax.model.probe import LinearProbe
+from dailymae_jax.model.vit import VisionTransformer
 from dailymae_jax.train import compile as compile_lib
-from dailymae_jax.train.state import create_state, init_state, make_optimizer, make_probe_optimizer
+from dailymae_jax.train import steps
+from dailymae_jax.train.state import (create_state, init_finetune_state, init_linprobe_state, init_state,
+                                      make_finetune_optimizer, make_lars_optimizer, make_optimizer,
+                                      make_probe_optimizer)
 from dailymae_jax.train.steps import PretrainStepConfig, make_pretrain_step
 
 MODEL = MaskedAutoencoder(width=32, depth=2, heads=2, patch=16, decoder_width=32, decoder_depth=1,
@@ -122,3 +127,41 @@ def test_compilation_counter_counts_new_executables_only():
     assert counter.count == 1
     f(jnp.ones((9, 5)))  # outside the context: not counted
     assert counter.count == 1
+
+
+# --- Finetuning and linear probing ---------------------------------------------------------------------------
+
+DEPTH = 3
+VIT = VisionTransformer(width=32, depth=DEPTH, heads=2, patch=16, num_classes=5, global_pool=True, drop_path=0.1)
+
+
+def test_finetune_step_trains_on_photos(photo_batch):
+    shapes = jax.eval_shape(VIT.init, jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)))["params"]
+    tx = make_finetune_optimizer(shapes, learning_rate=optax.constant_schedule(1e-3), weight_decay=0.05, b1=0.9,
+                                 b2=0.999, layer_decay=0.75, depth=DEPTH)
+    init = functools.partial(init_finetune_state, model=VIT, tx=tx, resolution=64)
+    state, _ = create_state(init, jax.random.PRNGKey(0), make_mesh())
+    cfg = steps.FinetuneStepConfig(num_classes=5, color_jitter=0.3, mix_groups=1)
+    step = jax.jit(steps.make_finetune_step(VIT, tx, optax.constant_schedule(1e-3), cfg))
+    images, labels = jnp.asarray(photo_batch), jnp.arange(8) % 5
+    before = state.params
+    state, metrics = step(state, images, labels)
+    assert int(state.step) == 1 and np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+    changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), before, state.params)
+    assert all(jax.tree.leaves(changed))  # every parameter, head and patch embedding alike, is trained
+    # Different steps draw different augmentations (RNG folded by step): the same batch gives another loss.
+    _, metrics2 = step(state, images, labels)
+    assert float(metrics2["loss"]) != float(metrics["loss"])
+
+
+def test_linprobe_step_leaves_the_encoder_alone(photo_batch):
+    encoder = VisionTransformer(width=32, depth=2, heads=2, patch=16)
+    probe = LinearProbe(num_classes=5)
+    tx = make_lars_optimizer(learning_rate=optax.constant_schedule(1.0))
+    state = init_linprobe_state(jax.random.PRNGKey(0), encoder=encoder, probe=probe, tx=tx, resolution=64)
+    step = jax.jit(steps.make_linprobe_step(encoder, probe, tx, optax.constant_schedule(1.0)))
+    new, metrics = step(state, jnp.asarray(photo_batch), jnp.arange(8) % 5)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), state.frozen, new.frozen))
+    assert bool(jnp.any(new.params["head"]["kernel"] != state.params["head"]["kernel"]))
+    assert bool(jnp.any(new.batch_stats["bn"]["mean"] != state.batch_stats["bn"]["mean"]))
+    assert np.isfinite(float(metrics["loss"]))

@@ -2,7 +2,6 @@
 reloaded JAX model reproduce; the workdir as an import source; one-line errors with exit code 2."""
 
 import functools
-import importlib.util
 import json
 import os
 import subprocess
@@ -24,6 +23,7 @@ from dailymae_jax.model.probe import LinearProbe
 from dailymae_jax.model.vit import VisionTransformer
 from dailymae_jax.pretrained import load_encoder_weights, load_mae_weights
 from dailymae_jax.train.state import init_state, make_optimizer, make_probe_optimizer
+from tools import export_torch
 
 REPO = Path(__file__).resolve().parents[1]
 D, DEPTH, HEADS, P, DD, DDEPTH = 64, 2, 4, 16, 32, 1
@@ -31,9 +31,6 @@ D, DEPTH, HEADS, P, DD, DDEPTH = 64, 2, 4, 16, 32, 1
 OVERRIDES = {"model.width": D, "model.depth": DEPTH, "model.heads": HEADS, "model.decoder_width": DD,
              "model.decoder_depth": DDEPTH, "model.decoder_heads": 4, "schedule.resolution": 64}
 
-spec = importlib.util.spec_from_file_location("export_torch", REPO / "tools" / "export_torch.py")
-export_torch = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(export_torch)
 
 
 def cli(*argv):
@@ -51,11 +48,7 @@ def our_mae():
 
 def demo_config():
     """configs/mae_demo.py with OVERRIDES, as the dict a run saves."""
-    sys.path.insert(0, str(REPO))
-    try:
-        from configs import mae_demo
-    finally:
-        sys.path.remove(str(REPO))
+    from configs import mae_demo
     config = mae_demo.get_config()
     for key, value in OVERRIDES.items():
         section, name = key.split(".")

@@ -13,7 +13,7 @@ import pytest
 
 from dailymae_jax.data.eval_loader import EvalOrder
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("num_samples", [1, 27, 64, 65])
