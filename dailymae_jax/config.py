@@ -54,6 +54,9 @@ def stages(config: ml_collections.ConfigDict) -> tuple[Stage, ...]:
     s = config.schedule
     patch = model_size(config).patch
     if s.get("stages"):
+        for row in s.stages:
+            if len(row) != 3:
+                raise ConfigError(f"schedule.stages: {tuple(row)} is not (start_epoch, resolution, mask_ratio)")
         result = tuple(Stage(int(e), int(r), float(m)) for e, r, m in s.stages)
     else:
         try:

@@ -54,13 +54,13 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     try:
         validate(config)  # before any data is written or compiled
-        task = _task(config.task)
         # Every task: the sample data is built, if asked, before JAX starts threads (by process 0 only); then
-        # this process joins the others, if any.
-        processes = distributed.start(config, build_data=lambda: task.prepare_data(config),
+        # this process joins the others, if any. The task's modules (ffcv, torch) load only once the process
+        # settings are known to be valid.
+        processes = distributed.start(config, build_data=lambda: _task(config.task).prepare_data(config),
                                       sample_files=sample_files(config.data,
                                                                 validation=config.task in CLASSIFIER_TASKS))
-        summary = task.run(config, _WORKDIR.value)
+        summary = _task(config.task).run(config, _WORKDIR.value)
     except ConfigError as error:
         _fail(f"config error: {error}", 2)
     except BetonError as error:

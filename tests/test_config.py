@@ -74,3 +74,24 @@ def test_init_sources_are_checked_before_anything_runs(tmp_path):
         validate(config)
     config.init.source = "scratch"
     validate(config)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("schedule.resolution", 100, "schedule.resolution 100 is not divisible by the patch size 16"),
+    ("schedule.mask_ratio", 1.0, "schedule.stages: mask ratio 1.0 must lie in (0, 1)"),
+    ("schedule.stages", ((0, 128, 0.75), (0, 96, 0.75)), "start epochs must be strictly increasing"),
+    ("schedule.stages", ((0, 128, 0.75), (1, 100, 0.75)), "schedule.stages: resolution 100 is not divisible"),
+    ("schedule.stages", ((0, 128),), "schedule.stages: (0, 128) is not (start_epoch, resolution, mask_ratio)"),
+    ("model.dtype", "float16", "model.dtype 'float16'; allowed: float32, bfloat16"),
+    ("probe.features", "cls", "probe.features 'cls'; allowed: visible, full"),
+])
+def test_bad_pretraining_values_name_the_key(key, value, message):
+    from configs import mae_demo
+
+    config = mae_demo.get_config()
+    section, field = key.split(".")
+    with config.unlocked():
+        config[section][field] = value
+    with pytest.raises(ConfigError) as error:
+        validate(config)
+    assert message in str(error.value) and "\n" not in str(error.value)

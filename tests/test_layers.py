@@ -108,3 +108,13 @@ def test_no_library_module_is_too_long():
     lengths = {module_name(p): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     too_long = {name: n for name, n in lengths.items() if n > MAX_LINES}
     assert not too_long, f"over {MAX_LINES} lines: {too_long}"
+
+
+def test_the_design_doc_names_every_module():
+    import re
+
+    design = (PACKAGE.parent / "docs" / "DESIGN.md").read_text()
+    named = set(re.findall(r"`([\w/]+\.py)`", design))
+    modules = {str(p.relative_to(PACKAGE)) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
+    missing = sorted(modules - named)
+    assert not missing, f"docs/DESIGN.md does not name {missing}"

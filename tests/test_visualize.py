@@ -18,7 +18,8 @@ def mae():
     model = mae_from_size(VitSize(64, 2, 2, PATCH), decoder_width=32, decoder_depth=1, decoder_heads=2,
                           norm_pix_loss=True)
     noise = jax.random.uniform(jax.random.PRNGKey(1), (1, 16))
-    params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), noise, 0.75)["params"]
+    params = jax.jit(lambda key: model.init(key, jnp.zeros((1, 64, 64, 3)), noise, 0.75))(jax.random.PRNGKey(0))
+    params = params["params"]
     return model, jax.device_get(params)
 
 

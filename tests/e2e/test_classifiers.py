@@ -43,29 +43,42 @@ def metrics(workdir):
     return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
+# 112 training images, batch 16 → 7 steps per epoch; 2 epochs = 14 steps; checkpoints at steps 5, 7, 10 and 14.
+# Finetuning: progressive resolution 64 → 96 px, evaluation at 96 and 64 px, on 2 devices. Linear probing: 64 px.
+TASKS = {"finetune": "configs/finetune_demo.py", "linprobe": "configs/linprobe_demo.py"}
+STEP_BUILDERS = {"finetune": "make_finetune_step", "linprobe": "make_linprobe_step"}
+DEVICES = {"finetune": 2, "linprobe": 1}
+COMMON = ["--config.train.epochs=2", "--config.train.log_every_steps=1", "--config.checkpoint.every_steps=5",
+          "--config.checkpoint.keep=10", "--config.eval.global_batch_size=8"]
+ARGS = {"finetune": [*COMMON, "--config.schedule.stages=((0, 64), (1, 96))", "--config.eval.resolutions=(96, 64)"],
+        "linprobe": [*COMMON, "--config.schedule.resolution=64", "--config.eval.resolutions=(64,)"]}
+
+
 @pytest.fixture(scope="module")
-def pretrained_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ft_e2e")
+def root(tmp_path_factory):
+    """A pretraining run's checkpoint, and the uninterrupted run of each classifier task from it."""
+    root = tmp_path_factory.mktemp("classifiers")
     run_main("configs/mae_demo.py", root / "pretrain", root / "sample", "--config.train.epochs=1",
              "--config.schedule.preset=fixed", "--config.schedule.resolution=64",
              "--config.checkpoint.every_steps=100")
+    for task in TASKS:
+        result = run_main(*task_args(task, root, root / task), devices=DEVICES[task])
+        (root / task / "stdout.txt").write_text(result.stdout)
     return root
 
 
+def task_args(task, root, workdir):
+    return (TASKS[task], workdir, root / "sample", f"--config.init.workdir={root / 'pretrain'}", *ARGS[task])
+
+
 @pytest.mark.slow
-def test_finetune_from_our_pretraining(pretrained_run):
-    root = pretrained_run
+def test_finetune_from_our_pretraining(root):
     workdir = root / "finetune"
-    result = run_main("configs/finetune_demo.py", workdir, root / "sample",
-                      f"--config.init.workdir={root / 'pretrain'}", "--config.train.epochs=2",
-                      "--config.train.log_every_steps=1",
-                      "--config.schedule.stages=((0, 96), (1, 128))", "--config.eval.resolutions=(128, 96)",
-                      "--config.eval.global_batch_size=8", devices=2)
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["task"] == "finetune" and summary["device_count"] == 2 and summary["steps"] == 14
-    assert summary["val_count"] == 28 and summary["val_resolution"] == 128
+    assert summary["val_count"] == 28 and summary["val_resolution"] == 96
     assert 0.0 <= summary["val_top1"] <= summary["val_top5"] <= 1.0
-    assert summary["val"]["96"]["count"] == 28 and sum(summary["val"]["128"]["per_class_count"]) == 28
+    assert summary["val"]["64"]["count"] == 28 and sum(summary["val"]["96"]["per_class_count"]) == 28
     assert summary["compilations_during_training"] == 0
     assert summary["init"]["source"] == "pretrain" and summary["init"]["loaded"] > 0
     assert set(summary["init"]["fresh"]) == {"head/kernel", "head/bias", "fc_norm/scale", "fc_norm/bias"}
@@ -74,28 +87,24 @@ def test_finetune_from_our_pretraining(pretrained_run):
     rows = metrics(workdir)
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 15))
-    assert {r["resolution"] for r in steps if r["step"] <= 7} == {96}
-    assert {r["resolution"] for r in steps if r["step"] > 7} == {128}
+    assert {r["resolution"] for r in steps if r["step"] <= 7} == {64}
+    assert {r["resolution"] for r in steps if r["step"] > 7} == {96}
+    assert all({"train_top1", "images_per_second", "eta_seconds", "data_wait_share"} <= set(r) for r in steps)
     evals = [r for r in rows if "val_top1" in r]
     assert [(r["epoch"], r["step"]) for r in evals] == [(0, 7), (1, 14)]
-    assert all({"val_top5", "val_count", "val_top1_96", "val_top5_96"} <= set(r) for r in evals)
+    assert all({"val_top5", "val_count", "val_top1_64", "val_top5_64"} <= set(r) for r in evals)
     assert evals[-1]["val_top1"] == summary["val_top1"]
     assert [h["epoch"] for h in summary["history"]] == [0, 1]
-    assert "val top-1" in result.stdout and "over 28 images" in result.stdout
+    stdout = (workdir / "stdout.txt").read_text()
+    assert "val top-1" in stdout and "over 28 images" in stdout
     # A finished run is not retrained.
-    again = run_main("configs/finetune_demo.py", workdir, root / "sample",
-                     f"--config.init.workdir={root / 'pretrain'}", "--config.train.epochs=2",
-                     "--config.schedule.stages=((0, 96), (1, 128))",
-                     "--config.eval.resolutions=(128, 96)", "--config.eval.global_batch_size=8", devices=2)
+    again = run_main(*task_args("finetune", root, workdir), devices=2)
     assert json.loads((workdir / "summary.json").read_text()) == summary and "14 steps" in again.stdout
 
 
 @pytest.mark.slow
-def test_linear_probe_from_our_pretraining(pretrained_run):
-    root = pretrained_run
+def test_linear_probe_from_our_pretraining(root):
     workdir = root / "linprobe"
-    run_main("configs/linprobe_demo.py", workdir, root / "sample", f"--config.init.workdir={root / 'pretrain'}",
-             "--config.train.epochs=2")
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["task"] == "linprobe" and summary["val_count"] == 28
     assert 0.0 <= summary["val_top1"] <= summary["val_top5"] <= 1.0
@@ -105,17 +114,6 @@ def test_linear_probe_from_our_pretraining(pretrained_run):
 
 
 # --- The shared training loop's guarantees, for both classifier tasks --------------------------------------
-
-# 112 training images, batch 16 → 7 steps per epoch; 2 epochs at 64 px; checkpoints at steps 5, 7, 10, 14.
-TASKS = {"finetune": "configs/finetune_demo.py", "linprobe": "configs/linprobe_demo.py"}
-STEP_BUILDERS = {"finetune": "make_finetune_step", "linprobe": "make_linprobe_step"}
-
-
-def tiny(pretrained_root):
-    return [f"--config.init.workdir={pretrained_root / 'pretrain'}", "--config.train.epochs=2",
-            "--config.schedule.resolution=64", "--config.eval.resolutions=(64,)", "--config.eval.global_batch_size=8",
-            "--config.train.log_every_steps=1", "--config.checkpoint.every_steps=5", "--config.checkpoint.keep=10"]
-
 
 def checkpoint_steps(workdir):
     directory = Path(workdir) / "checkpoints"
@@ -139,23 +137,13 @@ def _leaves(tree, prefix=""):
             yield prefix + key, np.asarray(value)
 
 
-@pytest.fixture(scope="module")
-def references(pretrained_run):
-    """The uninterrupted run of each classifier task."""
-    for task, config in TASKS.items():
-        run_main(config, pretrained_run / f"{task}-reference", pretrained_run / "sample", *tiny(pretrained_run))
-    return pretrained_run
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("task", TASKS)
-def test_sigterm_saves_exits_143_and_resumes_to_the_same_parameters(references, task):
-    root = references
+def test_sigterm_saves_exits_143_and_resumes_to_the_same_parameters(root, task):
     workdir = root / f"{task}-sigterm"
-    cmd = [sys.executable, "-m", "dailymae_jax.main",
-           *main_args(TASKS[task], workdir, root / "sample", *tiny(root))]
-    process = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    cmd = [sys.executable, "-m", "dailymae_jax.main", *main_args(*task_args(task, root, workdir))]
+    process = subprocess.Popen(cmd, cwd=REPO, env=cpu_env(DEVICES[task]), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 600
     while not checkpoint_steps(workdir):  # after the first checkpoint
         assert process.poll() is None, process.stderr.read()[-3000:]
@@ -169,26 +157,24 @@ def test_sigterm_saves_exits_143_and_resumes_to_the_same_parameters(references, 
     stopped = int(line.split("after step ")[1].split(";")[0])
     assert stopped in checkpoint_steps(workdir) and stopped < 14 and not (workdir / "summary.json").exists()
 
-    result = run_main(TASKS[task], workdir, root / "sample", *tiny(root))
+    result = run_main(*task_args(task, root, workdir), devices=DEVICES[task])
     assert "14 steps" in result.stdout
     summary = json.loads((workdir / "summary.json").read_text())
-    reference = json.loads((root / f"{task}-reference" / "summary.json").read_text())
+    reference = json.loads((root / task / "summary.json").read_text())
     assert summary["steps"] == 14 and summary["steps_this_run"] == 14 - stopped
     assert summary["init"]["source"] == "resumed"
     assert summary["val_top1"] == reference["val_top1"] and summary["val"] == reference["val"]
-    assert_same_params(workdir, root / f"{task}-reference")
-
-
+    assert_same_params(workdir, root / task)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("task", TASKS)
-def test_a_nan_stops_the_run_with_one_line_and_no_nonfinite_checkpoint(references, task):
-    root = references
+def test_a_nan_stops_the_run_with_one_line_and_no_nonfinite_checkpoint(root, task):
     workdir = root / f"{task}-nan"
-    cmd = poisoned_run_command(main_args(TASKS[task], workdir, root / "sample", *tiny(root)), task=task,
-                               builder=STEP_BUILDERS[task], at=9)
-    result = subprocess.run(cmd, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=900)
+    cmd = poisoned_run_command(main_args(*task_args(task, root, workdir)), task=task, builder=STEP_BUILDERS[task],
+                               at=9)
+    result = subprocess.run(cmd, cwd=REPO, env=cpu_env(DEVICES[task]), capture_output=True, text=True,
+                            timeout=900)
     assert result.returncode == 1, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: loss is nan at step 9; nothing after it was checkpointed"), last
@@ -196,19 +182,16 @@ def test_a_nan_stops_the_run_with_one_line_and_no_nonfinite_checkpoint(reference
     for step in (5, 7):
         params, _, _ = restore_params(workdir, step)
         assert all(np.isfinite(value).all() for _, value in _leaves(params))
-        assert_same_params(workdir, root / f"{task}-reference", step)
+        assert_same_params(workdir, root / task, step)
     assert not (workdir / "summary.json").exists()
 
 
 @pytest.mark.slow
-def test_two_processes_finetune_like_one(references):
-    root = references
-    args = [*tiny(root), "--config.data.num_workers=1"]
-    one = root / "finetune-one"
-    run_main(TASKS["finetune"], one, root / "sample", *args, devices=8)
-    two = root / "finetune-two"
+def test_two_processes_finetune_like_one(root):
+    one, two = root / "finetune-one", root / "finetune-two"
+    run_main(*task_args("finetune", root, one), "--config.data.num_workers=1", devices=8)
     launcher = [sys.executable, "tools/launch_local.py", "--num-processes=2", "--devices-per-process=4", "--",
-                *main_args(TASKS["finetune"], two, root / "sample", *args)]
+                *main_args(*task_args("finetune", root, two)), "--config.data.num_workers=1"]
     result = subprocess.run(launcher, cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-5000:]
     summary = json.loads((two / "summary.json").read_text())

@@ -29,7 +29,7 @@ MODEL = MaskedAutoencoder(W, 1, HEADS, PATCH, decoder_width=DW, decoder_depth=1,
 
 @pytest.fixture(scope="module")
 def variables():
-    return MODEL.init(jax.random.key(2), IMAGES, NOISE, 0.75)
+    return jax.jit(lambda key: MODEL.init(key, IMAGES, NOISE, 0.75))(jax.random.key(2))
 
 
 def _count(tree) -> int:

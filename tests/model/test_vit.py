@@ -27,7 +27,7 @@ IMAGES = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))  # 2 x 2 patches -
 
 @pytest.fixture(scope="module")
 def vit_params():
-    return VisionTransformer(W, 1, HEADS, PATCH).init(jax.random.key(1), IMAGES)["params"]
+    return jax.jit(VisionTransformer(W, 1, HEADS, PATCH).init)(jax.random.key(1), IMAGES)["params"]
 
 
 def _count(tree) -> int:

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tools.bench_decode import STAGES
 
 REPO = Path(__file__).resolve().parents[2]
@@ -25,6 +27,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     assert zero.returncode == 2 and "must be at least 1" in zero.stderr
 
 
+@pytest.mark.slow  # decodes the sample file with every stage
 def test_small_run_reports_every_stage(sample_beton, tmp_path):
     out = tmp_path / "decode.json"
     subprocess.run([*TOOL, "--beton", str(sample_beton), "--res", "32", "--res", "64", "--images", "6",

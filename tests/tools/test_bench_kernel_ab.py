@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 TOOL = [sys.executable, str(REPO / "tools" / "bench_kernel_ab.py")]
 KERNEL = importlib.util.find_spec("dailymae_jax.data._jpeg_crop").origin
@@ -23,6 +25,7 @@ def test_bad_arguments_are_one_line_errors(tmp_path, sample_beton):
     assert not (tmp_path / "out.json").exists()
 
 
+@pytest.mark.slow  # builds the kernel twice
 def test_a_build_against_itself_gives_the_same_pixels(tmp_path, sample_beton):
     out = tmp_path / "ab.json"
     subprocess.run([*TOOL, "--a", KERNEL, "--b", KERNEL, "--beton", str(sample_beton), "--res", "32", "--res", "48",

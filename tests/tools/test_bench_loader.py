@@ -18,18 +18,30 @@ REPO = Path(__file__).resolve().parents[2]
 TOOL = [sys.executable, str(REPO / "tools" / "bench_loader.py")]
 
 
-def test_bad_arguments_are_one_line_errors(tmp_path):
+def run_main(argv, capsys) -> tuple[int, str]:
+    """The tool's main in this process: (exit code, stderr)."""
+    from tools import bench_loader
+
+    try:
+        code = bench_loader.main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
+
+
+def test_bad_arguments_are_one_line_errors(tmp_path, capsys):
+    # As a script: the error is one line and exit code 2.
     missing = subprocess.run([*TOOL, "--beton", str(tmp_path / "none.beton"), "--res", "32", "--json",
                               str(tmp_path / "out.json")], capture_output=True, text=True)
     assert missing.returncode == 2 and "--beton: no such file" in missing.stderr
+    assert "Traceback" not in missing.stderr
     (tmp_path / "x.beton").write_bytes(b"")
-    unknown = subprocess.run([*TOOL, "--beton", str(tmp_path / "x.beton"), "--res", "32", "--json",
-                              str(tmp_path / "out.json"), "--loaders", "crop_decode,dali"], capture_output=True,
-                             text=True)
-    assert unknown.returncode == 2 and "unknown ['dali']" in unknown.stderr
-    broken = subprocess.run([*TOOL, "--beton", str(tmp_path / "x.beton"), "--res", "32", "--json",
-                             str(tmp_path / "out.json")], capture_output=True, text=True)
-    assert broken.returncode == 2 and "--beton: " in broken.stderr and "Traceback" not in broken.stderr
+    code, err = run_main(["--beton", str(tmp_path / "x.beton"), "--res", "32", "--json", str(tmp_path / "out.json"),
+                          "--loaders", "crop_decode,dali"], capsys)
+    assert code == 2 and "unknown ['dali']" in err
+    code, err = run_main(["--beton", str(tmp_path / "x.beton"), "--res", "32", "--json", str(tmp_path / "out.json")],
+                         capsys)
+    assert code == 2 and "--beton: " in err
 
 
 @pytest.mark.parametrize("args, message", [
@@ -40,11 +52,11 @@ def test_bad_arguments_are_one_line_errors(tmp_path):
     (["--scale", "0.5", "0.2"], "--scale must be two increasing positive numbers, got 0.5 0.2"),
     (["--bound-quality", "101"], "--bound-quality must be in [1, 100], got 101"),
 ])
-def test_bad_settings_are_one_line_errors(sample_beton, tmp_path, args, message):
+def test_bad_settings_are_one_line_errors(sample_beton, tmp_path, capsys, args, message):
     out = tmp_path / "out.json"
-    result = subprocess.run([*TOOL, "--beton", str(sample_beton), "--res", "32", "--batch-size", "16",
-                             "--json", str(out), *args], capture_output=True, text=True)
-    assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
+    code, err = run_main(["--beton", str(sample_beton), "--res", "32", "--batch-size", "16", "--json", str(out),
+                          *args], capsys)
+    assert code == 2 and message in err, err
     assert not out.exists()
 
 

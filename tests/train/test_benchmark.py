@@ -3,6 +3,7 @@
 import math
 
 import jax
+import pytest
 
 from conftest import REPO
 from dailymae_jax.config import load_config_file
@@ -13,6 +14,7 @@ TINY = ["--config.model.size=tiny", "--config.model.depth=2", "--config.model.de
         "--config.model.decoder_depth=1", "--config.model.decoder_heads=2", "--config.model.dtype=float32"]
 
 
+@pytest.mark.slow  # compiles and times a step
 def test_step_times_and_flops_of_a_tiny_recipe():
     config = load_config_file(REPO / "configs" / "mae_b16.py", TINY)
     assert config.model.size == "tiny" and config.model.depth == 2

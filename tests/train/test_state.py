@@ -48,16 +48,16 @@ def test_finetune_optimizer_steps_are_lr_times_layer_scale(vit_params):
     lr, decay, wd = 0.01, 0.5, 0.05
     tx = make_finetune_optimizer(vit_params, learning_rate=optax.constant_schedule(lr), weight_decay=0.0,
                                  b1=0.9, b2=0.999, layer_decay=decay, depth=DEPTH)
-    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), vit_params)
-    updates, _ = tx.update(grads, tx.init(vit_params), vit_params)
+    grads = jax.tree.map(lambda p: np.full(p.shape, 0.3, np.float32), vit_params)
+    updates, _ = jax.jit(tx.update)(grads, jax.jit(tx.init)(vit_params), vit_params)
     # Adam's first step is g / |g| (up to eps), so every element moves by −lr · scale.
     for path, update in traverse_util.flatten_dict(updates).items():
         np.testing.assert_allclose(np.asarray(update), -lr * decay ** (DEPTH + 1 - _layer(path)), rtol=1e-4)
     # With zero gradients only the decoupled weight decay acts, scaled like the rest: −lr · scale · wd · p.
     tx = make_finetune_optimizer(vit_params, learning_rate=optax.constant_schedule(lr), weight_decay=wd,
                                  b1=0.9, b2=0.999, layer_decay=decay, depth=DEPTH)
-    params = jax.tree.map(lambda p: p + 1.0, vit_params)
-    updates, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
+    params = jax.tree.map(lambda p: np.asarray(p) + 1.0, vit_params)
+    updates, _ = jax.jit(tx.update)(jax.tree.map(np.zeros_like, params), jax.jit(tx.init)(params), params)
     mask = traverse_util.flatten_dict(finetune_decay_mask(params))
     flat_params = traverse_util.flatten_dict(params)
     for path, update in traverse_util.flatten_dict(updates).items():
