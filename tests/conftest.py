@@ -55,14 +55,15 @@ def run_command(cmd: list[str], *, devices: int = 1, check: bool = True,
     return result
 
 
-# A training run through the real command line whose step function (``<task module>.<builder>``) is wrapped so
-# that the step producing ``state.step == at`` returns NaN parameters and loss.
+# A training run through the real command line whose step builder (``dailymae_jax.train.<module>.<builder>``, the
+# name that module calls) is wrapped so that the step producing ``state.step == at`` returns NaN parameters and
+# loss.
 _POISONED_RUN = """
 import sys
 import jax, jax.numpy as jnp
-from dailymae_jax.train import {task}
+from dailymae_jax.train import {module}
 
-real = {task}.{builder}
+real = {module}.{builder}
 
 def poisoned(*args, **kwargs):
     step = real(*args, **kwargs)
@@ -74,17 +75,17 @@ def poisoned(*args, **kwargs):
         return state, dict(metrics, loss=metrics["loss"] * scale)
     return wrapped
 
-{task}.{builder} = poisoned
+{module}.{builder} = poisoned
 from dailymae_jax import main
 sys.argv = {argv!r}
 main.run()
 """
 
 
-def poisoned_run_command(main_args: list[str], *, task: str, builder: str, at: int) -> list[str]:
+def poisoned_run_command(main_args: list[str], *, module: str, builder: str, at: int) -> list[str]:
     """The command of ``python -m dailymae_jax.main *main_args`` with a NaN injected at step ``at``."""
     argv = ["dailymae_jax.main", *main_args]
-    return [sys.executable, "-c", _POISONED_RUN.format(task=task, builder=builder, at=at, argv=argv)]
+    return [sys.executable, "-c", _POISONED_RUN.format(module=module, builder=builder, at=at, argv=argv)]
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -1,5 +1,6 @@
-"""Export to PyTorch layouts: names and shapes of the contract (RECIPE §6), exact round trips, a plain
-PyTorch forward pass and timm's VisionTransformer (strict key check) reproducing our encoder and classifier."""
+"""Export to PyTorch layouts: the names and shapes of official MAE checkpoints (facebookresearch/mae) and of timm,
+exact round trips, a plain PyTorch forward pass and timm's VisionTransformer (strict key check) reproducing our
+encoder and classifier."""
 
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""Schedules against the formulas and the authors' table (RECIPE §3, §4)."""
+"""Schedules against MAE's learning-rate formulas and the DailyMAE authors' table of schemes (arXiv 2404.00509)."""
 
 import math
 
@@ -27,7 +27,7 @@ def test_linear_scaling_rule():
     assert schedule.scaled_learning_rate(1.5e-4, 4096) == pytest.approx(2.4e-3)
 
 
-# The authors' schemes for 800 epochs (RECIPE §3), typed in from the table.
+# The DailyMAE authors' schemes for 800 epochs (arXiv 2404.00509), typed in from their table.
 AUTHORS_TABLE = {
     "scheme1": [(0, 160, 0.50), (200, 192, 0.66), (400, 224, 0.75)],
     "scheme2": [(0, 160, 0.75), (200, 192, 0.75), (400, 224, 0.75)],

@@ -46,13 +46,13 @@ def test_pictures_show_the_visible_patches_and_fill_the_removed_ones(mae, photo_
 
 
 def test_one_compiled_program_per_image_shape(mae, photo_batch):
-    # Run op by op, the first reconstruction at each resolution compiled every operation of the model (dozens of
-    # programs, about 7 s of the demo's training time at each stage switch).
+    # Run op by op, the first reconstruction at each resolution would compile every operation of the model
+    # (dozens of programs, seconds of training time at each of the demo's stage switches).
     model, params = mae
     images = photo_batch[:, :48, :48]  # a shape no other test used
     with CompilationCounter() as counter:
         visualize.reconstruct(model, params, images, mask_ratio=0.5, rng=jax.random.PRNGKey(3))
-    assert counter.count <= 5, counter.count  # the model's program and the noise's (3 with jax 0.10); op by op: 92
+    assert counter.count <= 5, counter.count  # the model's program and the noise's (3 with jax 0.10), not one per op
     with CompilationCounter() as counter:
         visualize.reconstruct(model, params, images[::-1], mask_ratio=0.5, rng=jax.random.PRNGKey(4))
     assert counter.count == 0

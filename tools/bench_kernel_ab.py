@@ -5,8 +5,8 @@
 
 A build of another commit, for --a:
 
-    git worktree add /tmp/base COMMIT && (cd /tmp/base && python setup.py -q build_ext --inplace)
-    # --a /tmp/base/dailymae_jax/data/_jpeg_crop.cpython-311-x86_64-linux-gnu.so
+    git worktree add ../base COMMIT && (cd ../base && python setup.py -q build_ext --inplace)
+    # --a ../base/dailymae_jax/data/_jpeg_crop.cpython-311-x86_64-linux-gnu.so
 
 For the first --images JPEG records and the loader's RandomResizedCrop box for each (--scale/--ratio, seeded),
 both builds' ``dm_decode_crop`` decode every box to R x R with --flags (0: what the loader runs; 64: decoding

@@ -31,7 +31,7 @@ from dailymae_jax.files import atomic_path, write_text_atomically
 
 WRITE_MODES = ("jpg", "raw", "smart", "proportion")
 CHROMA_SUBSAMPLINGS = ("420", "444")
-# The dataset files of the DailyMAE recipe (docs/RECIPE: longest side 500 px, JPEG quality 95, 4:4:4).
+# The dataset files of the DailyMAE recipe (arXiv 2404.00509): longest side 500 px, JPEG quality 95, 4:4:4.
 RECIPE_MAX_RESOLUTION = 500
 RECIPE_JPEG_QUALITY = 95
 RECIPE_CHROMA = "444"

@@ -247,9 +247,10 @@ class Pretraining:
             path = self.save_reconstructions()
             if path is not None:
                 summary["reconstruction"] = str(path)
-            summary["exports"] = {fmt: str(p) for fmt, p in export.export_run(
-                jax.device_get(self.state.params), self.model, self.workdir / "export", formats=tuple(self.config.export.formats),
-                resolution=self.config.schedule.resolution).items()}
+            exports = export.export_run(jax.device_get(self.state.params), self.model, self.workdir / "export",
+                                        formats=tuple(self.config.export.formats),
+                                        resolution=self.config.schedule.resolution)
+            summary["exports"] = {fmt: str(path) for fmt, path in exports.items()}
             files.write_json(self.workdir / "summary.json", summary)
         self.writer.close()
         return summary

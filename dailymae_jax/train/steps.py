@@ -222,7 +222,8 @@ def make_linprobe_step(encoder: VisionTransformer, probe: LinearProbe, tx: optax
     return step
 
 
-def linprobe_logits(encoder: VisionTransformer, probe: LinearProbe) -> Callable[[ClassifierState, jax.Array], jax.Array]:
+def linprobe_logits(encoder: VisionTransformer, probe: LinearProbe
+                    ) -> Callable[[ClassifierState, jax.Array], jax.Array]:
     def logits(state: ClassifierState, images_u8: jax.Array) -> jax.Array:
         feats = features(encoder, state.frozen, images_u8)
         return probe.apply({"params": state.params, "batch_stats": state.batch_stats}, feats, train=False)

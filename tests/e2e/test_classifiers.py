@@ -45,6 +45,7 @@ def metrics(workdir):
 
 # 112 training images, batch 16 → 7 steps per epoch; 2 epochs = 14 steps; checkpoints at steps 5, 7, 10 and 14.
 # Finetuning: progressive resolution 64 → 96 px, evaluation at 96 and 64 px, on 2 devices. Linear probing: 64 px.
+# Runs of one task share JAX's persistent compilation cache (root/jax_cache): a resumed run compiles nothing anew.
 TASKS = {"finetune": "configs/finetune_demo.py", "linprobe": "configs/linprobe_demo.py"}
 STEP_BUILDERS = {"finetune": "make_finetune_step", "linprobe": "make_linprobe_step"}
 DEVICES = {"finetune": 2, "linprobe": 1}
@@ -68,7 +69,8 @@ def root(tmp_path_factory):
 
 
 def task_args(task, root, workdir):
-    return (TASKS[task], workdir, root / "sample", f"--config.init.workdir={root / 'pretrain'}", *ARGS[task])
+    return (TASKS[task], workdir, root / "sample", f"--config.init.workdir={root / 'pretrain'}", *ARGS[task],
+            f"--config.train.compilation_cache_dir={root / 'jax_cache'}")
 
 
 @pytest.mark.slow
@@ -171,7 +173,7 @@ def test_sigterm_saves_exits_143_and_resumes_to_the_same_parameters(root, task):
 @pytest.mark.parametrize("task", TASKS)
 def test_a_nan_stops_the_run_with_one_line_and_no_nonfinite_checkpoint(root, task):
     workdir = root / f"{task}-nan"
-    cmd = poisoned_run_command(main_args(*task_args(task, root, workdir)), task=task, builder=STEP_BUILDERS[task],
+    cmd = poisoned_run_command(main_args(*task_args(task, root, workdir)), module=task, builder=STEP_BUILDERS[task],
                                at=9)
     result = subprocess.run(cmd, cwd=REPO, env=cpu_env(DEVICES[task]), capture_output=True, text=True,
                             timeout=900)

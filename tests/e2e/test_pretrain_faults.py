@@ -99,7 +99,8 @@ def restore_params(checkpoint_dir: Path) -> dict[str, np.ndarray]:
 def test_nan_stops_the_run_and_keeps_only_finite_checkpoints(runs):
     root, args = runs
     workdir = root / "nan"
-    cmd = poisoned_run_command(main_command(workdir, *args)[3:], task="pretrain", builder="make_pretrain_step", at=9)
+    cmd = poisoned_run_command(main_command(workdir, *args)[3:], module="recipe", builder="make_pretrain_step",
+                               at=9)
     result = run_command(cmd, check=False)
     assert result.returncode == 1, result.stderr[-3000:]
     assert "error: loss is nan at step 9" in result.stderr.splitlines()[-1]

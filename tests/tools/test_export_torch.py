@@ -25,7 +25,7 @@ from dailymae_jax.pretrained import load_encoder_weights, load_mae_weights
 from dailymae_jax.train.state import init_state, make_optimizer, make_probe_optimizer
 from tools import export_torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 D, DEPTH, HEADS, P, DD, DDEPTH = 64, 2, 4, 16, 32, 1
 # The demo recipe shrunk to a 64-px, 2-block model (used by both the synthetic and the trained workdir).
 OVERRIDES = {"model.width": D, "model.depth": DEPTH, "model.heads": HEADS, "model.decoder_width": DD,

@@ -103,9 +103,10 @@ print("total", float(jax.jit(jnp.sum, out_shardings=NamedSharding(mesh, P()))(x)
 
 @pytest.mark.slow
 def test_warm_up_waits_for_a_process_that_is_still_compiling():
-    # In CI (test_killing_one_process_ends_the_other), process 0's warm-up made a cross-process collective before
-    # the pre-training barrier (device_put checks that every process passed the same value) and gave up after
-    # 30 s while process 1 was still compiling. Warm-up must make no collective; the barrier does the waiting.
+    # A warm-up that makes a cross-process collective before the pre-training barrier (device_put checks that every
+    # process passed the same value) gives up after 30 s while another process is still compiling, which ends a
+    # multi-process run such as test_killing_one_process_ends_the_other's. Warm-up must make no collective; the
+    # barrier does the waiting.
     address = f"127.0.0.1:{free_port()}"
     processes = [subprocess.Popen([sys.executable, "-c", SKEWED_START, str(i), address], cwd=REPO, env=cpu_env(),
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
