@@ -118,6 +118,7 @@ def test_launcher_gives_each_process_its_devices_and_its_id():
 
 # --- Data: the same crops whatever the process count -----------------------------------------------------
 
+@pytest.mark.slow  # builds and warms up a loader per process layout
 def test_each_process_decodes_its_slice_of_the_single_process_batches(sample_beton):
     """Process p of 2 decodes columns [8p, 8p + 8) of every global batch of 16, pixel for pixel as 1 process."""
     from dailymae_jax.data.loader import EpochOrder, TrainLoader

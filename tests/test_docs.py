@@ -37,8 +37,7 @@ def candidates(text: str) -> list[str]:
              if not m.group(1).startswith(("http://", "https://", "#", "mailto:"))]
     for word in re.split(r"[\s`]+", text):
         word = word.split("=")[-1].split("::")[0].split("#")[0]
-        word = word.strip("\"'()[]{}<>,;:!?*|")
-        word = word.rstrip(".")
+        word = word.strip("\"'()[]{}<>,;:!?*|").rstrip(".").strip("\"'()[]{}<>,;:!?*|")
         if not word or word.startswith(("/", "~", "$", "http", "-")):
             continue
         first = word.split("/")[0]

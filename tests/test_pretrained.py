@@ -3,13 +3,11 @@ ignores, one-line errors naming the key, refusing learned position tables, and w
 (``init_from_pretrained``: our pretraining checkpoints, PyTorch files)."""
 
 import argparse
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import optax
 import torch
 from flax import traverse_util
 
@@ -17,10 +15,8 @@ from dailymae_jax import export
 from dailymae_jax import pretrained as pretrained_lib
 from dailymae_jax.checkpoint import Checkpointer, DataPosition, restore_params
 from dailymae_jax.model.mae import MaskedAutoencoder, encoder_params
-from dailymae_jax.model.probe import LinearProbe
 from dailymae_jax.model.vit import VisionTransformer
 from dailymae_jax.pretrained import load_encoder_weights, load_mae_weights
-from dailymae_jax.train.state import init_state, make_optimizer, make_probe_optimizer
 
 D, DEPTH, HEADS, P, DD = 64, 2, 4, 16, 32
 
@@ -201,13 +197,13 @@ def classifier_params():
 
 @pytest.fixture(scope="module")
 def pretrain_workdir(tmp_path_factory):
-    """An orbax checkpoint of a small MAE pretraining state, as the pretrain task writes it."""
+    """An orbax checkpoint of a small MAE pretraining state, as the pretrain task writes it (the optimizer state
+    left out: only the parameters are read)."""
     mae = MaskedAutoencoder(width=32, depth=DEPTH_FT, heads=2, patch=16, decoder_width=16, decoder_depth=1,
                             decoder_heads=2)
-    tx = make_optimizer(learning_rate=optax.constant_schedule(1e-3), weight_decay=0.05, b1=0.9, b2=0.95)
-    state = jax.jit(functools.partial(init_state, model=mae, probe=LinearProbe(num_classes=4), tx=tx,
-                                      probe_tx=make_probe_optimizer(1e-3), resolution=64, mask_ratio=0.75))(
-        jax.random.PRNGKey(1))
+    params = jax.jit(lambda key: mae.init(key, jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 16)), 0.75))(
+        jax.random.PRNGKey(1))["params"]
+    state = {"step": np.int32(7), "params": params}
     workdir = tmp_path_factory.mktemp("pretrain")
     checkpointer = Checkpointer(workdir, keep=2)
     config = {"task": "pretrain", "schedule": {"resolution": 64},
@@ -215,7 +211,7 @@ def pretrain_workdir(tmp_path_factory):
                         "decoder_depth": 1, "decoder_heads": 2, "norm_pix_loss": True, "dtype": "float32"}}
     checkpointer.save(7, state, DataPosition(1, 0), config)
     checkpointer.close()
-    return workdir, state.params
+    return workdir, params
 
 
 def test_init_from_our_pretraining_maps_the_encoder_and_keeps_a_fresh_head(pretrain_workdir, classifier_params):
