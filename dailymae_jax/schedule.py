@@ -147,7 +147,6 @@ def scaled_learning_rate(base_lr: float, global_batch: int) -> float:
     return base_lr * global_batch / 256
 
 
-
 def run_learning_rate(train: Any, *, global_batch: int, steps_per_epoch: int) -> Callable[[int], float]:
     """The learning-rate schedule of a run, from its ``train`` config block (every task builds it here).
 

@@ -35,6 +35,7 @@ from dailymae_jax.train.state import ClassifierState, parameter_count
 
 log = logging.getLogger(__name__)
 
+
 def prepare_data(config: ml_collections.ConfigDict) -> tuple[Path, Path]:
     """(train, val) .beton files; the sample dataset's are written on first use.
 

@@ -287,4 +287,3 @@ def progress_for(executables: Mapping[Hashable, Any], *, total_steps: int, mesh:
     # Metrics leave the compiled steps replicated (compile_buckets' out_shardings).
     progress.warm_up(jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     return progress
-

@@ -176,7 +176,7 @@ def make_lars_optimizer(*, learning_rate: Callable[[jax.Array], jax.Array], weig
 
 
 def init_finetune_state(rng: jax.Array, *, model: Any, tx: optax.GradientTransformation,
-               resolution: int) -> ClassifierState:
+                        resolution: int) -> ClassifierState:
     """A fresh classifier state (random weights; pretrained ones are loaded afterwards, on the host)."""
     init_rng, run_rng = jax.random.split(rng)
     params = model.init(init_rng, jnp.zeros((1, resolution, resolution, 3), jnp.float32))["params"]
@@ -185,7 +185,9 @@ def init_finetune_state(rng: jax.Array, *, model: Any, tx: optax.GradientTransfo
 
 
 def init_linprobe_state(rng: jax.Array, *, encoder: Any, probe: Any, tx: optax.GradientTransformation,
-               resolution: int) -> ClassifierState:
+                        resolution: int) -> ClassifierState:
+    """A fresh linear-probe state: a random encoder (pretrained weights are loaded afterwards, on the host) frozen
+    outside the optimizer, and the probe with its BatchNorm statistics."""
     encoder_rng, probe_rng, run_rng = jax.random.split(rng, 3)
     frozen = encoder.init(encoder_rng, jnp.zeros((1, resolution, resolution, 3), jnp.float32))["params"]
     probe_vars = probe.init(probe_rng, jnp.zeros((2, encoder.width), jnp.float32), train=False)

@@ -93,8 +93,6 @@ def restore_params(checkpoint_dir: Path) -> dict[str, np.ndarray]:
 
 # --- Non-finite loss: stop naming the step; no non-finite checkpoint -------------------------------------
 
-
-
 @pytest.mark.slow
 def test_nan_stops_the_run_and_keeps_only_finite_checkpoints(runs):
     root, args = runs

@@ -32,7 +32,6 @@ OVERRIDES = {"model.width": D, "model.depth": DEPTH, "model.heads": HEADS, "mode
              "model.decoder_depth": DDEPTH, "model.decoder_heads": 4, "schedule.resolution": 64}
 
 
-
 def cli(*argv):
     """Runs the tool in this process; returns its exit code (argparse's errors exit through SystemExit)."""
     try:
