@@ -125,6 +125,11 @@ def _check_sincos(key: str, table: np.ndarray) -> None:
 # Filling a model's parameters.
 # ------------------------------------------------------------------------------------------------
 
+def _ignored(key: str, ignore: set[str]) -> bool:
+    """Whether ``key`` is in ``ignore`` or under one of its prefixes (given with a trailing dot)."""
+    return key in ignore or any(key.startswith(p) for p in ignore if p.endswith("."))
+
+
 def _fill(params: Mapping[str, Any], state: Mapping[str, np.ndarray], *, keep: set[tuple[str, ...]],
           ignore: set[str], what: str) -> dict[str, Any]:
     """Our ``params`` with every leaf not in ``keep`` taken from ``state`` (PyTorch names, converted).
@@ -135,7 +140,7 @@ def _fill(params: Mapping[str, Any], state: Mapping[str, np.ndarray], *, keep: s
     target = traverse_util.flatten_dict(dict(params))
     converted = {}
     for key, value in state.items():
-        if key in ignore or any(key.startswith(p) for p in ignore if p.endswith(".")):
+        if _ignored(key, ignore):
             continue
         path, converted_value = export.flax_leaf(export.flax_path(key), value)
         if path not in target:
@@ -179,10 +184,9 @@ def fill_encoder(params: Mapping[str, Any], state: Mapping[str, np.ndarray], *, 
     if "pos_embed" in state:
         _check_sincos("pos_embed", state["pos_embed"])
     filled = _fill(params, state, keep=keep, ignore=ignore, what="encoder checkpoint")
-    ignored = lambda key: key in ignore or any(key.startswith(p) for p in ignore if p.endswith("."))
     report = {"loaded": ["/".join(p) for p in target if p not in keep],
               "fresh": ["/".join(p) for p in target if p in keep],
-              "unused": sorted(key for key in state if ignored(key))}
+              "unused": sorted(key for key in state if _ignored(key, ignore))}
     return filled, report
 
 

@@ -74,10 +74,10 @@ def test_every_path_the_docs_name_exists():
 
 def test_the_checker_catches_a_missing_path():
     basenames = repository_basenames()
-    refs = candidates("see `docs/perf/` and docs/RECIPE.md, [x](tools/nope.py), `--config=configs/mae_demo.py`, "
-                      "`data/loader.py`, data/sample/train.beton, `util/lars.py`")
+    refs = candidates("see `docs/nowhere/` and docs/MISSING.md, [x](tools/nope.py), `--config=configs/mae_demo.py`, "
+                      "`data/loader.py`, data/sample/train.beton, `util/absent.py`")
     assert [r for r in refs if not resolves(r, basenames)] == [
-        "tools/nope.py", "docs/perf/", "docs/RECIPE.md", "util/lars.py"]
+        "tools/nope.py", "docs/nowhere/", "docs/MISSING.md", "util/absent.py"]
 
 
 def test_performance_doc_is_short():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flax import traverse_util
 
 from conftest import poisoned_run_command
 from dailymae_jax.checkpoint import restore_params
@@ -131,12 +132,9 @@ def assert_same_params(workdir, reference, step=None):
         np.testing.assert_array_equal(flat_got[key], value, err_msg=key)
 
 
-def _leaves(tree, prefix=""):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _leaves(value, f"{prefix}{key}/")
-        else:
-            yield prefix + key, np.asarray(value)
+def _leaves(tree):
+    """(path, numpy array) of every leaf, the path joined with '/'."""
+    return [("/".join(path), np.asarray(value)) for path, value in traverse_util.flatten_dict(tree).items()]
 
 
 @pytest.mark.slow
