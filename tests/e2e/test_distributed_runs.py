@@ -1,8 +1,7 @@
-"""Multi-process pretraining on real processes on 127.0.0.1 with simulated CPU devices (tools/launch_local.py):
-2 × 4 devices must train like 1 × 8, a 2-process checkpoint must resume in 1 process, a SIGTERM to one process
-must stop both after the same step, and killing one must end the other within a bound instead of hanging.
-(Finetuning on 2 processes: tests/e2e/test_classifiers.py.)
-"""
+"""Sharded pretraining on simulated CPU devices: 1 process × 8 devices must train like 1 device, and on real
+processes on 127.0.0.1 (tools/launch_local.py) 2 × 4 devices must train like 1 × 8, a 2-process checkpoint
+must resume in 1 process, a SIGTERM to one process must stop both after the same step, and killing one must end
+the other within a bound instead of hanging. (Finetuning on 2 processes: tests/e2e/test_classifiers.py.)"""
 
 import json
 import os
@@ -103,6 +102,17 @@ def loopback(tmp_path_factory, sample_beton):
     args = tiny_args(sample_beton, root / "jax_cache")
     run_command(main_command(root / "one", *args), devices=8)
     return root, args
+
+
+@pytest.mark.slow
+def test_eight_devices_train_like_one(loopback):
+    root, args = loopback
+    run_command(main_command(root / "single", *args))
+    eight, one = step_losses(root / "one"), step_losses(root / "single")
+    assert sorted(eight) == sorted(one) == list(range(1, STEPS + 1))
+    assert_close_losses(eight, one, range(1, STEPS + 1))
+    summary = json.loads((root / "one" / "summary.json").read_text())
+    assert summary["device_count"] == 8 and summary["compilations_during_training"] == 0
 
 
 @pytest.mark.slow
