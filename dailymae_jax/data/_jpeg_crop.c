@@ -252,7 +252,7 @@ static int parse_layout(const uint8_t *s, size_t n, dm_layout *L) {
             L->restart = (unsigned)read16(p);
         } else if (marker == 0xDA) {
             if (!have_frame || L->height == 0 || L->width == 0) return 0;
-            if (p[0] != L->ncomp) return 0;  /* non-interleaved (multi-scan) file */
+            if (len < 1 || p[0] != L->ncomp) return 0;  /* no component count, or a non-interleaved scan */
             L->scan_start = pos;
             break;
         }
