@@ -9,11 +9,13 @@
  * three mutations (truncation, bit flips, byte values, marker and segment-length changes, crafted SOF, DHT, DRI,
  * SOS and crop-index fields, stray or missing restart markers, cut or repeated chunks, another file's scan) and
  * feeds the result, in a heap block of exactly its size, to the entry points the loader and the writer use:
- * dm_decode_crop with the whole image and with random boxes (random output sizes and flags: flip, area,
- * index ignored, libjpeg's Huffman decoder, no splicing, no DCT scaling, ...), and dm_index_add, whose output,
- * if any, is decoded again. Errors the kernel returns are expected; only sanitizer reports (which abort the
- * process) and crashes count. --progress keeps the current case number in FILE (so that a hang or a crash can
- * be replayed), --dump writes the mutated bytes of case --first to OUT instead of decoding them.
+ * dm_decode_crop with the whole image and with random boxes, a few far outside it (random output sizes and
+ * flags: flip, area, index ignored, libjpeg's Huffman decoder, no splicing, no DCT scaling, ...), and
+ * dm_index_add, whose output, if any, is decoded again. Each case also builds Huffman lookup tables from a random
+ * table. Before case 0, every base file is decoded whole, and with a box at INT32_MAX - 1. Errors the kernel
+ * returns are expected; only sanitizer reports (which abort the process) and crashes count. --progress keeps the
+ * current case number in FILE (so that a hang or a crash can be replayed), --dump writes the mutated bytes of
+ * case --first to OUT instead of decoding them.
  */
 #include <stdint.h>
 #include <stdio.h>
@@ -374,6 +376,10 @@ static void decode(const uint8_t *data, size_t size, int height, int width, int 
     int h = whole ? height : 1 + (int)below((size_t)height), w = whole ? width : 1 + (int)below((size_t)width);
     int top = (int)below((size_t)(height - h + 1)), left = (int)below((size_t)(width - w + 1));
     if (chance(10)) top += (int)below(3) - 1; /* a box one pixel outside, now and then */
+    if (chance(3)) { /* far outside, as a caller's arithmetic gone wrong would give: near INT32_MAX, or negative */
+        int32_t wild = chance(50) ? INT32_MAX - (int32_t)below(100000) : -1 - (int32_t)below(100);
+        if (chance(50)) top = wild; else left = wild;
+    }
     int out_h = chance(10) ? 224 : 1 + (int)below(chance(50) ? 8 : 96);
     int out_w = chance(30) ? out_h : 1 + (int)below(96);
     int flags = 0;
@@ -506,12 +512,15 @@ int main(int argc, char **argv) {
         run_case(seed, first, dump);
         return 0;
     }
-    for (int b = 0; b < nbases && first == 0; b++) { /* the base files themselves, whole, first */
+    for (int b = 0; b < nbases && first == 0; b++) { /* the base files themselves first: whole, and far outside */
         note_progress(argv[argc - nbases + b], 0);
-        uint8_t *exact = (uint8_t *)malloc(bases[b].file.size), *dst = (uint8_t *)malloc(3 * 32 * 32);
-        memcpy(exact, bases[b].file.data, bases[b].file.size);
+        const base *f = &bases[b];
+        uint8_t *exact = (uint8_t *)malloc(f->file.size), *dst = (uint8_t *)malloc(3 * 32 * 32);
+        memcpy(exact, f->file.data, f->file.size);
         for (int flags = 0; flags <= 128; flags += 128) /* our Huffman decoder, then libjpeg's */
-            dm_decode_crop(exact, bases[b].file.size, 0, 0, bases[b].height, bases[b].width, dst, 32, 32, flags, NULL);
+            dm_decode_crop(exact, f->file.size, 0, 0, f->height, f->width, dst, 32, 32, flags, NULL);
+        dm_decode_crop(exact, f->file.size, INT32_MAX - 1, 0, f->height, f->width, dst, 32, 32, 0, NULL);
+        dm_decode_crop(exact, f->file.size, 0, INT32_MAX - 1, f->height, f->width, dst, 32, 32, 0, NULL);
         free(dst);
         free(exact);
     }

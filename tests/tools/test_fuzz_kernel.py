@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dailymae_jax.data.jpeg_crop import LIBJPEG_HUFFMAN, NO_DCT_SCALING, decode_crop
+from dailymae_jax.data.jpeg_crop import LIBJPEG_HUFFMAN, NO_DCT_SCALING, check_result, decode_crop, decode_into
 from tools import fuzz_kernel
 
 SHORT_RUN = 5_000  # mutated JPEGs in `make test`; `make fuzz` runs 100,000
@@ -51,6 +51,16 @@ def test_a_scan_header_cut_at_its_length_is_a_one_line_error():
     data = fuzz_kernel.sos_at_end_jpeg(fuzz_kernel.jpeg_bytes(rgb, restart_rows=1))
     with pytest.raises(ValueError, match="cannot decode JPEG: Premature end of JPEG file$"):
         decode_crop(data, (0, 16, 16, 16), (8, 8))  # a crop the kernel would splice from the restart intervals
+
+
+@pytest.mark.parametrize("top, left", [(2**31 - 2, 0), (0, 2**31 - 2)])
+def test_a_box_near_int32_max_is_refused_by_the_c_entry_point(top, left):
+    # The loaders call the kernel with boxes they computed; the restart splicing used to add top + height in int.
+    rgb = np.random.default_rng(0).integers(0, 256, (32, 48, 3), dtype=np.uint8)
+    data = np.frombuffer(fuzz_kernel.jpeg_bytes(rgb, restart_rows=1), np.uint8)
+    out = np.empty((8, 8, 3), np.uint8)
+    with pytest.raises(ValueError, match="is outside the 32x48 image"):
+        check_result(decode_into(data, top, left, 16, 16, out, 0))
 
 
 def test_dc_predictors_summed_past_int32_decode_as_libjpeg_does():
