@@ -88,16 +88,18 @@ def build_driver(directory: Path) -> Path:
     raise SystemExit(2)
 
 
-def jpeg_bytes(rgb: np.ndarray, *, subsampling: int = 2, restart_rows: int = 0, progressive: bool = False,
-               gray: bool = False, quality: int = 90) -> bytes:
+def jpeg_bytes(rgb: np.ndarray, *, subsampling: int = 2, restart_rows: int = 0, restart_blocks: int = 0,
+               progressive: bool = False, gray: bool = False, quality: int = 90) -> bytes:
     """JPEG bytes from PIL (libjpeg): subsampling 0/1/2 = 4:4:4/4:2:2/4:2:0, restart markers every that many
-    MCU rows."""
+    MCU rows or MCUs."""
     image = Image.fromarray(rgb).convert("L") if gray else Image.fromarray(rgb)
     options = {"quality": quality, "progressive": progressive}
     if not gray:
         options["subsampling"] = subsampling
     if restart_rows:
         options["restart_marker_rows"] = restart_rows
+    if restart_blocks:
+        options["restart_marker_blocks"] = restart_blocks
     out = io.BytesIO()
     image.save(out, "JPEG", **options)
     return out.getvalue()
@@ -143,7 +145,9 @@ def make_corpus(directory: Path) -> list[Path]:
         for subsampling in (0, 1, 2):
             files[f"{height}x{width}_s{subsampling}"] = jpeg_bytes(rgb, subsampling=subsampling)
         files[f"{height}x{width}_gray"] = jpeg_bytes(rgb, gray=True)
+        # Restart markers: every MCU row (spliced by rows), every MCU (by rows and columns, the writer's choice).
         files[f"{height}x{width}_rst1"] = jpeg_bytes(rgb, restart_rows=1, subsampling=2 - i % 3)
+        files[f"{height}x{width}_rst_mcu"] = jpeg_bytes(rgb, restart_blocks=1, subsampling=i % 3)
         if height * width <= 120 * 160:
             files[f"{height}x{width}_progressive"] = jpeg_bytes(rgb, progressive=True)
         for spacing, variant in ((8, "s2"), (64, "s0"), (16, "gray")):
