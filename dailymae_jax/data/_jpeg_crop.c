@@ -252,7 +252,7 @@ static int parse_layout(const uint8_t *s, size_t n, dm_layout *L) {
             L->restart = (unsigned)read16(p);
         } else if (marker == 0xDA) {
             if (!have_frame || L->height == 0 || L->width == 0) return 0;
-            if (p[0] != L->ncomp) return 0;  /* non-interleaved (multi-scan) file */
+            if (len < 1 || p[0] != L->ncomp) return 0;  /* no component count, or a non-interleaved scan */
             L->scan_start = pos;
             break;
         }
@@ -351,7 +351,7 @@ static size_t splice(dm_thread *t, const uint8_t *s, size_t n, int top, int left
                      dm_selection *S) {
     dm_layout L;
     if (!parse_layout(s, n, &L)) return 0;
-    if (top < 0 || left < 0 || top + h > L.height || left + w > L.width) return 0;
+    if (top < 0 || left < 0 || (int64_t)top + h > L.height || (int64_t)left + w > L.width) return 0; /* no overflow */
     int r0 = (top > margin ? top - margin : 0) / L.mcu_h;
     int r1 = (top + h + margin + L.mcu_h - 1) / L.mcu_h;
     int c0 = (left > margin ? left - margin : 0) / L.mcu_w;

@@ -126,7 +126,7 @@ static int build_table(huff_table *T, const JHUFF_TBL *h, int ac) {
     int32_t code = 0, k = 0;
     for (int l = 1; l <= 16; l++) {
         int n = h->bits[l];
-        if (k + n > 256) return 0;
+        if (k + n > 256 || code + n > (1 << l)) return 0; /* too many symbols, or more codes than fit in l bits */
         T->valoffset[l] = k - code;
         for (int i = 0; i < n; i++, k++, code++) {
             if (l > FAST_BITS) continue;
@@ -143,7 +143,6 @@ static int build_table(huff_table *T, const JHUFF_TBL *h, int ac) {
             }
         }
         T->maxcode[l] = n ? code - 1 : -1;
-        if (code > (1 << l)) return 0; /* more codes than fit in l bits */
         code <<= 1;
     }
     T->maxcode[17] = INT32_MAX;
@@ -238,7 +237,9 @@ static inline __attribute__((always_inline)) boolean decode_dc(j_decompress_ptr 
         B->bits <<= s;
         B->nbits -= length + s;
     }
-    *last_dc += diff;
+    /* Summed modulo 2^32 (unsigned: corrupt data can push the sum past INT_MAX, and signed overflow is undefined);
+     * the coefficient keeps the low 16 bits either way, as libjpeg's does. */
+    *last_dc = (int)((unsigned)*last_dc + (unsigned)diff);
     block[0] = (JCOEF)*last_dc;
     return TRUE;
 }
