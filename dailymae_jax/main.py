@@ -12,7 +12,8 @@ Recipes (configs/, each file's docstring gives its launch command and expected r
 config.task picks the task. Any config field can be overridden, e.g. --config.train.epochs=2
 --config.data.train_path=train.beton. Running again with the same workdir resumes from its last checkpoint.
 
-Exit codes: 0 done; 1 stopped on a non-finite loss or a failed checkpoint save (earlier checkpoints kept);
+Exit codes: 0 done; 1 stopped on a non-finite loss, a failed checkpoint save (earlier checkpoints kept) or no
+intact checkpoint to resume from;
 2 bad flag, config value or dataset file (one line names it); 128+N stopped by signal N after saving a checkpoint.
 """
 
@@ -45,7 +46,7 @@ def main(argv: list[str]) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from dailymae_jax import distributed
-    from dailymae_jax.checkpoint import CheckpointSaveError
+    from dailymae_jax.checkpoint import CheckpointDamagedError, CheckpointSaveError
     from dailymae_jax.config import CLASSIFIER_TASKS, ConfigError, validate
     from dailymae_jax.data.beton import BetonError
     from dailymae_jax.data.prepare import sample_files
@@ -66,14 +67,16 @@ def main(argv: list[str]) -> None:
     except BetonError as error:
         _fail(f"data error: {error}", 2)
     except NonFiniteError as error:
-        _fail(f"error: {error}; nothing after it was checkpointed (lower train.base_lr, raise "
-              "train.warmup_epochs, or use model.dtype=float32), then run the same command to resume", 1)
+        # The same command would resume from the same checkpoint with the same data and seed, and diverge again.
+        _fail(f"error: {error}; nothing after it was checkpointed. Change a setting before resuming (lower "
+              "train.base_lr, raise train.warmup_epochs, or use model.dtype=float32): the same command would "
+              "restore the same state and repeat this", 1)
     except CheckpointSaveError as error:
         # orbax's writer threads may still hold the failed save; a normal interpreter exit can then abort
         # in C++ (std::terminate), turning a clear exit code 1 into a crash. Everything worth keeping is
         # already on disk, so leave without running finalizers.
         _fail(f"error: {error}", 1, hard=True)
-    except distributed.DistributedError as error:
+    except (distributed.DistributedError, CheckpointDamagedError) as error:
         _fail(f"error: {error}", 1)
     except Interrupted as error:
         _fail(str(error), error.exit_code)

@@ -26,6 +26,7 @@ if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dailymae_jax import export  # noqa: E402
+from dailymae_jax.checkpoint import CheckpointDamagedError  # noqa: E402
 from dailymae_jax.pretrained import load_run  # noqa: E402
 
 SUFFIXES = (".pth", ".safetensors")
@@ -82,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"export_torch.py: error: {error}", file=sys.stderr)
         return 2
+    except CheckpointDamagedError as error:
+        print(f"export_torch.py: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 
