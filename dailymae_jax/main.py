@@ -47,13 +47,14 @@ def main(argv: list[str]) -> None:
 
     from dailymae_jax import distributed
     from dailymae_jax.checkpoint import CheckpointDamagedError, CheckpointSaveError
-    from dailymae_jax.config import CLASSIFIER_TASKS, ConfigError, validate
+    from dailymae_jax.config import CLASSIFIER_TASKS, ConfigError, check_workdir, validate
     from dailymae_jax.data.beton import BetonError
     from dailymae_jax.data.prepare import sample_files
     from dailymae_jax.guards import Interrupted, NonFiniteError
 
     config = _CONFIG.value
     try:
+        check_workdir(_WORKDIR.value)
         validate(config)  # before any data is written or compiled
         # Every task: the sample data is built, if asked, before JAX starts threads (by process 0 only); then
         # this process joins the others, if any. The task's modules (ffcv, torch) load only once the process
@@ -123,13 +124,39 @@ def _fail(message: str, exit_code: int, *, hard: bool = False) -> NoReturn:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with bad flags and unknown config keys reported in one line (exit code 2)."""
+    """absl's flag parsing, with bad flags, config files that do not load and unknown config keys reported in
+    one line (exit code 2)."""
+    _check_config_file(argv)
     try:
         return flags.FLAGS(argv)
     except flags.Error as error:
         _fail(f"flag error: {error}; see --help", 2)
     except (AttributeError, KeyError, TypeError) as error:  # ml_collections: an override of a missing key
         _fail(f"config error: {unknown_override(argv, error)}", 2)
+
+
+def _check_config_file(argv: list[str]) -> None:
+    """A --config file that is missing, does not compile or raises in get_config(): one line naming it.
+
+    absl would report the first two as a traceback, or only when the config is first read."""
+    spec = None
+    for i, arg in enumerate(argv[1:], 1):
+        if arg.startswith("--config="):
+            spec = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            spec = argv[i + 1]
+    if spec is None:
+        return  # absl reports the missing flag
+    path = spec.split(":", 1)[0]
+    if not os.path.isfile(path):
+        _fail(f"config error: --config: no such file {path}", 2)
+    try:
+        _load_config_file(spec)
+    except SyntaxError as error:
+        _fail(f"config error: --config {path}: {error.msg} (line {error.lineno})", 2)
+    except Exception as error:  # anything get_config() or the file's top level raises
+        detail = " ".join(str(error).split())
+        _fail(f"config error: --config {path}: {type(error).__name__}{': ' + detail if detail else ''}", 2)
 
 
 def unknown_override(argv: list[str], error: BaseException) -> str:
