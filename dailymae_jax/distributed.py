@@ -17,16 +17,19 @@ It must run before anything starts JAX's backends (``jax.devices()``, any comput
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import ipaddress
 import logging
 import os
 import re
 import signal
+import socket
 import sys
 import time
 import types
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import ml_collections
 
@@ -182,21 +185,40 @@ def initialize(processes: Processes, config: ml_collections.ConfigDict) -> None:
     log.info("joining %d-process run as process %d via %s (%s); a process that stops sending heartbeats "
              "ends the others within %s s", processes.num_processes, processes.process_id,
              processes.coordinator_address, processes.source, d.heartbeat_timeout)
+    joined = False
+
+    def runtime_failed(status: object = None, *_: object) -> None:
+        """Replaces the runtime's abort (SIGABRT, a C++ stack) on a failed join or a lost peer: one line, exit 1.
+
+        Where jaxlib cannot pass the status to Python (0.10: a std::bad_cast instead of the call), a failed join
+        raises from initialize instead, and a peer lost later still aborts."""
+        detail = " ".join(str(status).split())[:300]
+        if joined:
+            message = (f"error: process {processes.process_id} of {processes.num_processes}: the coordination "
+                       f"service reports a failure ({detail}); another process probably died: see its log")
+        else:
+            message = f"error: {_join_failure(processes, config, detail)}"
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.write(2, f"\n{message}\n".encode())  # after whatever half line the runtime's logging left
+        os._exit(1)
+
     try:
-        jax.distributed.initialize(
-            coordinator_address=processes.coordinator_address, num_processes=processes.num_processes,
-            process_id=processes.process_id,
-            cluster_detection_method="deactivate",  # the values above are final; all local devices are ours
-            initialization_timeout=int(d.initialization_timeout),
-            heartbeat_timeout_seconds=int(d.heartbeat_timeout),
-            shutdown_timeout_seconds=int(d.shutdown_timeout))
+        with _client_errors_to(runtime_failed):
+            jax.distributed.initialize(
+                coordinator_address=processes.coordinator_address, num_processes=processes.num_processes,
+                process_id=processes.process_id,
+                coordinator_bind_address=bind_address(processes.coordinator_address),
+                cluster_detection_method="deactivate",  # the values above are final; all local devices are ours
+                initialization_timeout=int(d.initialization_timeout),
+                heartbeat_timeout_seconds=int(d.heartbeat_timeout),
+                shutdown_timeout_seconds=int(d.shutdown_timeout))
     except Exception as error:  # the runtime raises XlaRuntimeError with a multi-line gRPC status
+        # This jaxlib cannot hand the failed status to a Python callback: the failed join then surfaces here as
+        # a C++ std::bad_cast, which says nothing the message does not.
         detail = " ".join(str(error).split())[:300]
-        raise DistributedError(
-            f"process {processes.process_id} of {processes.num_processes} could not join the run at "
-            f"{processes.coordinator_address} within distributed.initialization_timeout="
-            f"{d.initialization_timeout} s ({detail}); start all processes with the same coordinator address "
-            "and process count, each with its own process id") from error
+        raise DistributedError(_join_failure(processes, config, "" if "bad_cast" in detail else detail)) from error
+    joined = True
     global _barrier_timeout
     _barrier_timeout = float(d.initialization_timeout)
     _orbax_barriers_through_the_coordination_service()
@@ -204,6 +226,57 @@ def initialize(processes: Processes, config: ml_collections.ConfigDict) -> None:
         # One console log per run: the others report warnings and errors only.
         logging.getLogger().setLevel(logging.WARNING)
     _exit_at_once_on_uncaught_errors(processes, config)
+
+
+def _join_failure(processes: Processes, config: ml_collections.ConfigDict, detail: str) -> str:
+    return (f"process {processes.process_id} of {processes.num_processes} could not join the run at "
+            f"{processes.coordinator_address} within distributed.initialization_timeout="
+            f"{config.distributed.initialization_timeout} s{f' ({detail})' if detail else ''}; start all "
+            "processes with the same coordinator address and process count, each with its own process id")
+
+
+def bind_address(address: str) -> str:
+    """Where process 0's coordination service listens: the coordinator address itself when its host is an IP
+    address or ``localhost`` (tools/launch_local.py's 127.0.0.1 stays on loopback), else the address the host
+    name resolves to. A name that resolves to a loopback address here (some /etc/hosts map a node's own name to
+    127.0.1.1, while the other nodes resolve it to the real one) keeps JAX's default: every interface."""
+    host, port = address.rsplit(":", 1)
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host.strip("[]"))
+        return address
+    if host == "localhost":
+        return address
+    try:
+        resolved = ipaddress.ip_address(socket.gethostbyname(host))
+    except (OSError, UnicodeError):
+        resolved = None
+    if resolved is None or resolved.is_loopback:
+        log.warning("coordinator host %s resolves to %s here: listening on every interface", host, resolved)
+        return f"[::]:{port}"
+    return f"{resolved}:{port}"
+
+
+@contextlib.contextmanager
+def _client_errors_to(callback: Callable[..., None]) -> Iterator[None]:
+    """Hands the runtime client's fatal errors (a peer that never joins, a lost coordinator) to ``callback``.
+
+    jax.distributed.initialize has no parameter for it; the client it creates takes one
+    (``missed_heartbeat_callback``), whose default logs a fatal error and aborts the process.
+    """
+    from jax._src import distributed as jax_distributed
+
+    library = jax_distributed._jax
+    make_client = library.get_distributed_runtime_client
+
+    def make_client_with_callback(*args, **kwargs):
+        kwargs.setdefault("missed_heartbeat_callback", callback)
+        return make_client(*args, **kwargs)
+
+    library.get_distributed_runtime_client = make_client_with_callback
+    try:
+        yield
+    finally:
+        library.get_distributed_runtime_client = make_client
 
 
 def _exit_at_once_on_uncaught_errors(processes: Processes, config: ml_collections.ConfigDict) -> None:

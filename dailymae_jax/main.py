@@ -77,7 +77,11 @@ def main(argv: list[str]) -> None:
         # in C++ (std::terminate), turning a clear exit code 1 into a crash. Everything worth keeping is
         # already on disk, so leave without running finalizers.
         _fail(f"error: {error}", 1, hard=True)
-    except (distributed.DistributedError, CheckpointDamagedError) as error:
+    except distributed.DistributedError as error:
+        # A process that could not join (or lost the others) still holds JAX's runtime client, whose exit
+        # handler would print a multi-line shutdown error after the message: leave without it.
+        _fail(f"error: {error}", 1, hard=True)
+    except CheckpointDamagedError as error:
         _fail(f"error: {error}", 1)
     except Interrupted as error:
         _fail(str(error), error.exit_code)
