@@ -137,6 +137,8 @@ def set_aside_damaged_steps(directory: Path) -> None:
 class Checkpointer:
     """Saves and restores (TrainState, DataPosition, config) under ``<workdir>/checkpoints``."""
 
+    _verifications = 0  # a distinct barrier name for each Checkpointer a process opens
+
     def __init__(self, workdir: str | Path, *, keep: int = 3, async_save: bool = True):
         _save_from_one_replica()
         self.directory = Path(workdir).resolve() / "checkpoints"
@@ -157,8 +159,6 @@ class Checkpointer:
             set_aside_damaged_steps(self.directory)
         Checkpointer._verifications += 1
         distributed.barrier(f"checkpoints_verified_{Checkpointer._verifications}")
-
-    _verifications = 0
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
