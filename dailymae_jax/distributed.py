@@ -29,10 +29,11 @@ import sys
 import time
 import types
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import ml_collections
 
+from dailymae_jax import rendezvous
 from dailymae_jax.errors import ConfigError
 from dailymae_jax.guards import SignalGuard
 
@@ -176,49 +177,33 @@ def initialize(processes: Processes, config: ml_collections.ConfigDict) -> None:
     """
     if not processes.multi:
         return
-    import jax
-
     d = config.distributed
-    if _backends_started():
-        raise DistributedError("jax.distributed must start before JAX's backends; something used JAX too early")
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     log.info("joining %d-process run as process %d via %s (%s); a process that stops sending heartbeats "
              "ends the others within %s s", processes.num_processes, processes.process_id,
              processes.coordinator_address, processes.source, d.heartbeat_timeout)
-    joined = False
-
-    def runtime_failed(status: object = None, *_: object) -> None:
-        """Replaces the runtime's abort (SIGABRT, a C++ stack) on a failed join or a lost peer: one line, exit 1.
-
-        Where jaxlib cannot pass the status to Python (0.10: a std::bad_cast instead of the call), a failed join
-        raises from initialize instead, and a peer lost later still aborts."""
-        detail = " ".join(str(status).split())[:300]
-        if joined:
-            message = (f"error: process {processes.process_id} of {processes.num_processes}: the coordination "
-                       f"service reports a failure ({detail}); another process probably died: see its log")
-        else:
-            message = f"error: {_join_failure(processes, config, detail)}"
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.write(2, f"\n{message}\n".encode())  # after whatever half line the runtime's logging left
-        os._exit(1)
-
+    # Meet over a plain socket first (before JAX is even imported): JAX's runtime aborts (SIGABRT) when a
+    # process never registers.
+    (host, port), bind = _split(processes.coordinator_address), bind_address(processes.coordinator_address)
     try:
-        with _client_errors_to(runtime_failed):
-            jax.distributed.initialize(
-                coordinator_address=processes.coordinator_address, num_processes=processes.num_processes,
-                process_id=processes.process_id,
-                coordinator_bind_address=bind_address(processes.coordinator_address),
-                cluster_detection_method="deactivate",  # the values above are final; all local devices are ours
-                initialization_timeout=int(d.initialization_timeout),
-                heartbeat_timeout_seconds=int(d.heartbeat_timeout),
-                shutdown_timeout_seconds=int(d.shutdown_timeout))
+        rendezvous.meet(host, port, _split(bind)[0], processes.process_id, processes.num_processes,
+                        float(d.initialization_timeout))
+    except rendezvous.RendezvousError as error:
+        raise DistributedError(_join_failure(processes, config, str(error))) from None
+    import jax
+
+    if _backends_started():
+        raise DistributedError("jax.distributed must start before JAX's backends; something used JAX too early")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    try:
+        jax.distributed.initialize(
+            coordinator_address=processes.coordinator_address, num_processes=processes.num_processes,
+            process_id=processes.process_id, coordinator_bind_address=bind,
+            cluster_detection_method="deactivate",  # the values above are final; all local devices are ours
+            initialization_timeout=int(d.initialization_timeout),
+            heartbeat_timeout_seconds=int(d.heartbeat_timeout),
+            shutdown_timeout_seconds=int(d.shutdown_timeout))
     except Exception as error:  # the runtime raises XlaRuntimeError with a multi-line gRPC status
-        # This jaxlib cannot hand the failed status to a Python callback: the failed join then surfaces here as
-        # a C++ std::bad_cast, which says nothing the message does not.
-        detail = " ".join(str(error).split())[:300]
-        raise DistributedError(_join_failure(processes, config, "" if "bad_cast" in detail else detail)) from error
-    joined = True
+        raise DistributedError(_join_failure(processes, config, " ".join(str(error).split())[:300])) from error
     global _barrier_timeout
     _barrier_timeout = float(d.initialization_timeout)
     _orbax_barriers_through_the_coordination_service()
@@ -233,6 +218,12 @@ def _join_failure(processes: Processes, config: ml_collections.ConfigDict, detai
             f"{processes.coordinator_address} within distributed.initialization_timeout="
             f"{config.distributed.initialization_timeout} s{f' ({detail})' if detail else ''}; start all "
             "processes with the same coordinator address and process count, each with its own process id")
+
+
+def _split(address: str) -> tuple[str, int]:
+    """'host:port' or '[v6 address]:port' → (host without brackets, port)."""
+    host, port = address.rsplit(":", 1)
+    return host.strip("[]"), int(port)
 
 
 def bind_address(address: str) -> str:
@@ -254,29 +245,6 @@ def bind_address(address: str) -> str:
         log.warning("coordinator host %s resolves to %s here: listening on every interface", host, resolved)
         return f"[::]:{port}"
     return f"{resolved}:{port}"
-
-
-@contextlib.contextmanager
-def _client_errors_to(callback: Callable[..., None]) -> Iterator[None]:
-    """Hands the runtime client's fatal errors (a peer that never joins, a lost coordinator) to ``callback``.
-
-    jax.distributed.initialize has no parameter for it; the client it creates takes one
-    (``missed_heartbeat_callback``), whose default logs a fatal error and aborts the process.
-    """
-    from jax._src import distributed as jax_distributed
-
-    library = jax_distributed._jax
-    make_client = library.get_distributed_runtime_client
-
-    def make_client_with_callback(*args, **kwargs):
-        kwargs.setdefault("missed_heartbeat_callback", callback)
-        return make_client(*args, **kwargs)
-
-    library.get_distributed_runtime_client = make_client_with_callback
-    try:
-        yield
-    finally:
-        library.get_distributed_runtime_client = make_client
 
 
 def _exit_at_once_on_uncaught_errors(processes: Processes, config: ml_collections.ConfigDict) -> None:
