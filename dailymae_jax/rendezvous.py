@@ -27,7 +27,10 @@ def meet(host: str, port: int, bind_host: str, process_id: int, num_processes: i
     Process 0 listens on ``bind_host:port``; the others connect to ``host:port``."""
     deadline = time.monotonic() + timeout
     if process_id == 0:
-        _gather(bind_host, port, num_processes, deadline, timeout)
+        try:
+            _gather(bind_host, port, num_processes, deadline, timeout)
+        except OSError as error:  # the port is taken, or the address is not this machine's
+            raise RendezvousError(f"cannot listen on {bind_host}:{port} ({error.strerror or error})") from None
     else:
         _arrive(host, port, process_id, num_processes, deadline, timeout)
 

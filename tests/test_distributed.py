@@ -1,6 +1,7 @@
 """Multi-process runs on jax.distributed: who the processes are, the launcher's pieces, and each process's
 share of the data. The runs on real processes live in tests/e2e/test_distributed_runs.py."""
 
+import socket
 import subprocess
 import sys
 import threading
@@ -186,6 +187,13 @@ def test_a_process_that_never_arrives_is_named_and_the_others_stop():
     assert outcome[0] == "process 2 of 4 did not arrive within 1 s"
     assert outcome[1] == outcome[3] and outcome[1].startswith("process 0 at 127.0.0.1:") and \
         outcome[1].endswith("gave up waiting for the others within 1 s")
+
+
+def test_a_taken_port_is_one_line():
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(rendezvous.RendezvousError, match=f"^cannot listen on 127.0.0.1:{port} \\(.*in use"):
+            rendezvous.meet("127.0.0.1", port, "127.0.0.1", 0, 2, timeout=1.0)
 
 
 @pytest.mark.parametrize("address, bound", [
