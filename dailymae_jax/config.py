@@ -9,6 +9,8 @@ Every error is a ``ConfigError`` whose message is one line naming the key and wh
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -103,6 +105,7 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
         raise ConfigError(f"train.epochs {config.train.epochs} must be ≥ 1")
     _check_choice("model.dtype", config.model.dtype, MODEL_DTYPES)
     _check_choice("probe.features", config.probe.features, PROBE_FEATURES)
+    _check_every_task(config)
     stages(config)  # validates the schedule
 
 
@@ -142,6 +145,54 @@ def checkpoint_steps(workdir: str | Path) -> list[int]:
     if not directory.is_dir():
         return []
     return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "state").is_dir())
+
+
+def _check_every_task(config: ml_collections.ConfigDict) -> None:
+    """The values every task reads the same way: the random crop, the logging and checkpoint cadences."""
+    scale, ratio = _pair("data.crop_scale", config.data.crop_scale), _pair("data.crop_ratio", config.data.crop_ratio)
+    if not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise ConfigError(f"data.crop_scale {tuple(scale)} must be (low, high) with 0 < low <= high <= 1 "
+                          "(the crop's share of the image area)")
+    if not 0.0 < ratio[0] <= ratio[1]:
+        raise ConfigError(f"data.crop_ratio {tuple(ratio)} must be (low, high) with 0 < low <= high "
+                          "(the crop's width / height)")
+    for key, value in (("train.log_every_steps", config.train.log_every_steps),
+                       ("checkpoint.every_steps", config.checkpoint.every_steps),
+                       ("checkpoint.keep", config.checkpoint.keep)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{key} {value!r} must be an integer ≥ 1")
+
+
+def _pair(key: str, value: Any) -> tuple[float, float]:
+    try:
+        low, high = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} {value!r} must be two numbers (low, high)") from None
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ConfigError(f"{key} {value!r} must be finite")
+    return low, high
+
+
+def check_batch_fits(batch: int, num_samples: int, path: str | Path) -> None:
+    """An epoch drops its last partial batch: a global batch larger than the dataset would train no step."""
+    if batch > num_samples:
+        raise ConfigError(f"data.global_batch_size {batch} is larger than the {num_samples} images of {path}; "
+                          f"allowed: at most {num_samples}")
+
+
+def check_workdir(workdir: str | Path) -> None:
+    """The workdir must be a directory this process can write, or creatable in one (checked before any work)."""
+    path = Path(workdir)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing == path and not path.is_dir():
+        raise ConfigError(f"--workdir {workdir} is a file, not a directory")
+    if not existing.is_dir():
+        raise ConfigError(f"--workdir {workdir}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path else f" ({existing}, where it would be created)"
+        raise ConfigError(f"--workdir {workdir} is not writable{where}")
 
 
 def _check_process_share(batch: int, process_count: int) -> None:
@@ -195,8 +246,7 @@ def validate_classifier(config: ml_collections.ConfigDict, *, device_count: int 
             raise ConfigError("init.path: missing; give a .pth or .safetensors checkpoint")
         if not Path(init.path).is_file():
             raise ConfigError(f"init.path: no such file {init.path}")
-    _check_range("data.crop_scale[0]", data.crop_scale[0], 0.0, data.crop_scale[1])
-    _check_range("data.crop_scale[1]", data.crop_scale[1], data.crop_scale[0], 1.0)
+    _check_every_task(config)
     evaluation = config.eval
     if not evaluation.resolutions:
         raise ConfigError("eval.resolutions: empty; give at least one resolution, e.g. (224,)")

@@ -17,11 +17,14 @@ It must run before anything starts JAX's backends (``jax.devices()``, any comput
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import ipaddress
 import logging
 import os
 import re
 import signal
+import socket
 import sys
 import time
 import types
@@ -30,6 +33,7 @@ from typing import Callable, Mapping, Sequence
 
 import ml_collections
 
+from dailymae_jax import rendezvous
 from dailymae_jax.errors import ConfigError
 from dailymae_jax.guards import SignalGuard
 
@@ -173,30 +177,33 @@ def initialize(processes: Processes, config: ml_collections.ConfigDict) -> None:
     """
     if not processes.multi:
         return
-    import jax
-
     d = config.distributed
-    if _backends_started():
-        raise DistributedError("jax.distributed must start before JAX's backends; something used JAX too early")
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     log.info("joining %d-process run as process %d via %s (%s); a process that stops sending heartbeats "
              "ends the others within %s s", processes.num_processes, processes.process_id,
              processes.coordinator_address, processes.source, d.heartbeat_timeout)
+    # Meet over a plain socket first (before JAX is even imported): JAX's runtime aborts (SIGABRT) when a
+    # process never registers.
+    (host, port), bind = _split(processes.coordinator_address), bind_address(processes.coordinator_address)
+    try:
+        rendezvous.meet(host, port, _split(bind)[0], processes.process_id, processes.num_processes,
+                        float(d.initialization_timeout))
+    except rendezvous.RendezvousError as error:
+        raise DistributedError(_join_failure(processes, config, str(error))) from None
+    import jax
+
+    if _backends_started():
+        raise DistributedError("jax.distributed must start before JAX's backends; something used JAX too early")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(
             coordinator_address=processes.coordinator_address, num_processes=processes.num_processes,
-            process_id=processes.process_id,
+            process_id=processes.process_id, coordinator_bind_address=bind,
             cluster_detection_method="deactivate",  # the values above are final; all local devices are ours
             initialization_timeout=int(d.initialization_timeout),
             heartbeat_timeout_seconds=int(d.heartbeat_timeout),
             shutdown_timeout_seconds=int(d.shutdown_timeout))
     except Exception as error:  # the runtime raises XlaRuntimeError with a multi-line gRPC status
-        detail = " ".join(str(error).split())[:300]
-        raise DistributedError(
-            f"process {processes.process_id} of {processes.num_processes} could not join the run at "
-            f"{processes.coordinator_address} within distributed.initialization_timeout="
-            f"{d.initialization_timeout} s ({detail}); start all processes with the same coordinator address "
-            "and process count, each with its own process id") from error
+        raise DistributedError(_join_failure(processes, config, " ".join(str(error).split())[:300])) from error
     global _barrier_timeout
     _barrier_timeout = float(d.initialization_timeout)
     _orbax_barriers_through_the_coordination_service()
@@ -204,6 +211,40 @@ def initialize(processes: Processes, config: ml_collections.ConfigDict) -> None:
         # One console log per run: the others report warnings and errors only.
         logging.getLogger().setLevel(logging.WARNING)
     _exit_at_once_on_uncaught_errors(processes, config)
+
+
+def _join_failure(processes: Processes, config: ml_collections.ConfigDict, detail: str) -> str:
+    return (f"process {processes.process_id} of {processes.num_processes} could not join the run at "
+            f"{processes.coordinator_address} within distributed.initialization_timeout="
+            f"{config.distributed.initialization_timeout} s{f' ({detail})' if detail else ''}; start all "
+            "processes with the same coordinator address and process count, each with its own process id")
+
+
+def _split(address: str) -> tuple[str, int]:
+    """'host:port' or '[v6 address]:port' → (host without brackets, port)."""
+    host, port = address.rsplit(":", 1)
+    return host.strip("[]"), int(port)
+
+
+def bind_address(address: str) -> str:
+    """Where process 0's coordination service listens: the coordinator address itself when its host is an IP
+    address or ``localhost`` (tools/launch_local.py's 127.0.0.1 stays on loopback), else the address the host
+    name resolves to. A name that resolves to a loopback address here (some /etc/hosts map a node's own name to
+    127.0.1.1, while the other nodes resolve it to the real one) keeps JAX's default: every interface."""
+    host, port = address.rsplit(":", 1)
+    with contextlib.suppress(ValueError):
+        ipaddress.ip_address(host.strip("[]"))
+        return address
+    if host == "localhost":
+        return address
+    try:
+        resolved = ipaddress.ip_address(socket.gethostbyname(host))
+    except (OSError, UnicodeError):
+        resolved = None
+    if resolved is None or resolved.is_loopback:
+        log.warning("coordinator host %s resolves to %s here: listening on every interface", host, resolved)
+        return f"[::]:{port}"
+    return f"{resolved}:{port}"
 
 
 def _exit_at_once_on_uncaught_errors(processes: Processes, config: ml_collections.ConfigDict) -> None:

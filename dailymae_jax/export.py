@@ -106,21 +106,43 @@ def unwrap_state_dict(obj: Mapping[str, Any]) -> dict[str, np.ndarray]:
             break
     state = {}
     for key, value in obj.items():
+        if not isinstance(key, str):
+            raise ValueError(f"state dict key {key!r} ({type(key).__name__}) is not a parameter name")
+        if key.endswith(".num_batches_tracked"):  # BatchNorm's integer step counter (linear-probe heads): no weight
+            continue
         if hasattr(value, "detach"):  # a torch tensor; float() first, numpy has no bfloat16
+            if not value.is_floating_point():
+                raise ValueError(f"state dict entry {key!r} holds {value.dtype} values; weights must be floats")
             value = value.detach().float().cpu().numpy()
         if not isinstance(value, np.ndarray):
             raise ValueError(f"state dict entry {key!r} is a {type(value).__name__}, not a tensor")
+        if not np.issubdtype(value.dtype, np.floating):
+            raise ValueError(f"state dict entry {key!r} holds {value.dtype} values; weights must be floats")
         state[key] = value.astype(np.float32, copy=False)
+        check_finite(key, state[key])
     if state and all(key.startswith("module.") for key in state):
         state = {key[len("module."):]: value for key, value in state.items()}
     return state
 
 
+def check_finite(key: str, value: np.ndarray) -> None:
+    """Refuses weights holding NaN or infinity (``error > tol`` comparisons would let them through)."""
+    bad = value.size - int(np.count_nonzero(np.isfinite(value)))
+    if bad:
+        raise ValueError(f"state dict entry {key!r} holds {bad} non-finite value{'s' if bad > 1 else ''} "
+                         "(NaN or infinity)")
+
+
 def save_state_dict(state: dict[str, np.ndarray], path: str | Path, *, fmt: str) -> Path:
-    """Writes ``.safetensors`` or ``.pth``; the ``mae`` format's .pth is ``{'model': state}``."""
+    """Writes ``.safetensors`` or ``.pth``; the ``mae`` format's .pth is ``{'model': state}``. Every tensor is
+    checked (a float tensor, finite) before anything is written."""
     path = Path(path)
     if path.suffix not in (".safetensors", ".pth"):
         raise ValueError(f"export file {path}: the name must end in .pth or .safetensors")
+    for key, value in state.items():
+        if not isinstance(key, str) or not np.issubdtype(np.asarray(value).dtype, np.floating):
+            raise ValueError(f"export entry {key!r}: needs a name and a float tensor")
+        check_finite(key, np.asarray(value))
     path.parent.mkdir(parents=True, exist_ok=True)
     with files.atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
@@ -138,21 +160,47 @@ def load_state_dict(path: str | Path) -> dict[str, np.ndarray]:
 
     ``.pth`` files are read with ``torch.load(weights_only=True)``, which runs no pickled code; the
     ``argparse.Namespace`` that MAE training checkpoints carry under ``args`` is allowed as well.
+
+    Every error is a ValueError (FileNotFoundError for a missing file) of one line naming the file and the
+    reason: what torch or safetensors raised, shortened, or the entry that is not a finite float tensor.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {path} does not exist")
+    try:
+        obj = _read_checkpoint_file(path)
+    except Exception as error:  # torch and safetensors raise many types (UnpicklingError, RuntimeError, ...)
+        raise ValueError(f"checkpoint file {path}: cannot be read ({_read_failure(error)})") from None
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"checkpoint file {path} holds a {type(obj).__name__}, not a state dict")
+    try:
+        return unwrap_state_dict(obj)
+    except ValueError as error:
+        raise ValueError(f"checkpoint file {path}: {error}") from None
+
+
+def _read_checkpoint_file(path: Path) -> Any:
     if path.suffix == ".safetensors":
         from safetensors.numpy import load_file
-        return unwrap_state_dict(load_file(str(path)))
+        return load_file(str(path))
     import argparse
 
     import torch
     with torch.serialization.safe_globals([argparse.Namespace]):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    return unwrap_state_dict(obj)
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _read_failure(error: BaseException) -> str:
+    """torch's or safetensors' reason in a few words. torch's refusal of pickled objects is named by the object's
+    type: its advice to load with weights_only=False would run whatever code the file carries."""
+    text = " ".join(str(error).split())
+    refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if refused:
+        return (f"it holds a pickled {refused.group(1)} object; only tensors, numbers and containers are read, "
+                "no pickled code is run")
+    if "weights_only" in text:
+        return f"{type(error).__name__}: not a weights-only PyTorch file"
+    return f"{type(error).__name__}: {text[:200]}" if text else type(error).__name__
 
 
 def export_run(params: Mapping[str, Any], model: Any, out_dir: str | Path, *, formats: tuple[str, ...],

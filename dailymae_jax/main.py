@@ -12,7 +12,8 @@ Recipes (configs/, each file's docstring gives its launch command and expected r
 config.task picks the task. Any config field can be overridden, e.g. --config.train.epochs=2
 --config.data.train_path=train.beton. Running again with the same workdir resumes from its last checkpoint.
 
-Exit codes: 0 done; 1 stopped on a non-finite loss or a failed checkpoint save (earlier checkpoints kept);
+Exit codes: 0 done; 1 stopped on a non-finite loss, a failed checkpoint save (earlier checkpoints kept) or no
+intact checkpoint to resume from;
 2 bad flag, config value or dataset file (one line names it); 128+N stopped by signal N after saving a checkpoint.
 """
 
@@ -45,14 +46,15 @@ def main(argv: list[str]) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from dailymae_jax import distributed
-    from dailymae_jax.checkpoint import CheckpointSaveError
-    from dailymae_jax.config import CLASSIFIER_TASKS, ConfigError, validate
+    from dailymae_jax.checkpoint import CheckpointDamagedError, CheckpointSaveError
+    from dailymae_jax.config import CLASSIFIER_TASKS, ConfigError, check_workdir, validate
     from dailymae_jax.data.beton import BetonError
     from dailymae_jax.data.prepare import sample_files
     from dailymae_jax.guards import Interrupted, NonFiniteError
 
     config = _CONFIG.value
     try:
+        check_workdir(_WORKDIR.value)
         validate(config)  # before any data is written or compiled
         # Every task: the sample data is built, if asked, before JAX starts threads (by process 0 only); then
         # this process joins the others, if any. The task's modules (ffcv, torch) load only once the process
@@ -66,14 +68,20 @@ def main(argv: list[str]) -> None:
     except BetonError as error:
         _fail(f"data error: {error}", 2)
     except NonFiniteError as error:
-        _fail(f"error: {error}; nothing after it was checkpointed (lower train.base_lr, raise "
-              "train.warmup_epochs, or use model.dtype=float32), then run the same command to resume", 1)
+        # The same command would resume from the same checkpoint with the same data and seed, and diverge again.
+        _fail(f"error: {error}; nothing after it was checkpointed. Change a setting before resuming (lower "
+              "train.base_lr, raise train.warmup_epochs, or use model.dtype=float32): the same command would "
+              "restore the same state and repeat this", 1)
     except CheckpointSaveError as error:
         # orbax's writer threads may still hold the failed save; a normal interpreter exit can then abort
         # in C++ (std::terminate), turning a clear exit code 1 into a crash. Everything worth keeping is
         # already on disk, so leave without running finalizers.
         _fail(f"error: {error}", 1, hard=True)
     except distributed.DistributedError as error:
+        # A process that could not join (or lost the others) still holds JAX's runtime client, whose exit
+        # handler would print a multi-line shutdown error after the message: leave without it.
+        _fail(f"error: {error}", 1, hard=True)
+    except CheckpointDamagedError as error:
         _fail(f"error: {error}", 1)
     except Interrupted as error:
         _fail(str(error), error.exit_code)
@@ -120,13 +128,39 @@ def _fail(message: str, exit_code: int, *, hard: bool = False) -> NoReturn:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's flag parsing, with bad flags and unknown config keys reported in one line (exit code 2)."""
+    """absl's flag parsing, with bad flags, config files that do not load and unknown config keys reported in
+    one line (exit code 2)."""
+    _check_config_file(argv)
     try:
         return flags.FLAGS(argv)
     except flags.Error as error:
         _fail(f"flag error: {error}; see --help", 2)
     except (AttributeError, KeyError, TypeError) as error:  # ml_collections: an override of a missing key
         _fail(f"config error: {unknown_override(argv, error)}", 2)
+
+
+def _check_config_file(argv: list[str]) -> None:
+    """A --config file that is missing, does not compile or raises in get_config(): one line naming it.
+
+    absl would report the first two as a traceback, or only when the config is first read."""
+    spec = None
+    for i, arg in enumerate(argv[1:], 1):
+        if arg.startswith("--config="):
+            spec = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            spec = argv[i + 1]
+    if spec is None:
+        return  # absl reports the missing flag
+    path = spec.split(":", 1)[0]
+    if not os.path.isfile(path):
+        _fail(f"config error: --config: no such file {path}", 2)
+    try:
+        _load_config_file(spec)
+    except SyntaxError as error:
+        _fail(f"config error: --config {path}: {error.msg} (line {error.lineno})", 2)
+    except Exception as error:  # anything get_config() or the file's top level raises
+        detail = " ".join(str(error).split())
+        _fail(f"config error: --config {path}: {type(error).__name__}{': ' + detail if detail else ''}", 2)
 
 
 def unknown_override(argv: list[str], error: BaseException) -> str:

@@ -255,7 +255,7 @@ def init_from_pretrained(config: Any, params: Mapping[str, Any]) -> tuple[dict[s
         try:
             state = read_source(Path(where))
         except (KeyError, ValueError) as error:
-            raise PretrainedError(f"init.path {where}: {error}") from None
+            raise PretrainedError(f"init.path: {error}") from None  # the error names the file
     else:
         raise PretrainedError(f"init.source {init.source!r}; allowed: {', '.join(INIT_SOURCES)}")
     try:

@@ -1,9 +1,12 @@
-"""The finetune and linprobe recipes validate, and bad values give one-line errors naming the key."""
+"""The recipes validate, and bad values (of every task) give one-line errors naming the key."""
+
+import os
+from pathlib import Path
 
 import pytest
 
 from configs import finetune_b16, finetune_demo, linprobe_b16, linprobe_demo
-from dailymae_jax.config import ConfigError, finetune_stages, validate
+from dailymae_jax.config import ConfigError, check_workdir, finetune_stages, validate
 
 
 @pytest.fixture
@@ -88,10 +91,82 @@ def test_init_sources_are_checked_before_anything_runs(tmp_path):
 def test_bad_pretraining_values_name_the_key(key, value, message):
     from configs import mae_demo
 
-    config = mae_demo.get_config()
+    assert_one_line_error(mae_demo.get_config(), key, value, message)
+
+
+def assert_one_line_error(config, key, value, message):
     section, field = key.split(".")
     with config.unlocked():
         config[section][field] = value
     with pytest.raises(ConfigError) as error:
         validate(config)
     assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("data.crop_scale", (0.0, 0.0), "data.crop_scale (0.0, 0.0) must be (low, high) with 0 < low <= high <= 1"),
+    ("data.crop_scale", (0.5, 0.2), "data.crop_scale (0.5, 0.2) must be (low, high)"),
+    ("data.crop_scale", (0.2, 1.5), "data.crop_scale (0.2, 1.5) must be (low, high)"),
+    ("data.crop_scale", (0.2,), "data.crop_scale (0.2,) must be two numbers"),
+    ("data.crop_ratio", (0.0, 1.0), "data.crop_ratio (0.0, 1.0) must be (low, high) with 0 < low <= high"),
+    ("data.crop_ratio", (4 / 3, 3 / 4), "data.crop_ratio (1.333"),
+    ("data.crop_ratio", (0.75, float("inf")), "data.crop_ratio (0.75, inf) must be finite"),
+    ("train.log_every_steps", 0, "train.log_every_steps 0 must be an integer ≥ 1"),
+    ("checkpoint.every_steps", 0, "checkpoint.every_steps 0 must be an integer ≥ 1"),
+    ("checkpoint.keep", 0, "checkpoint.keep 0 must be an integer ≥ 1"),
+])
+@pytest.mark.parametrize("task", ["pretrain", "finetune", "linprobe"])
+def test_every_task_checks_the_crop_and_the_cadences(task, key, value, message, pretrain_workdir):
+    from configs import mae_demo
+
+    config = {"pretrain": mae_demo, "finetune": finetune_demo, "linprobe": linprobe_demo}[task].get_config()
+    config.data.sample_dir = config.data.sample_dir or "data/sample"
+    if task != "pretrain":
+        config.init.workdir = pretrain_workdir
+    assert_one_line_error(config, key, value, message)
+
+
+def test_workdir_must_be_a_writable_directory(tmp_path, monkeypatch):
+    check_workdir(tmp_path / "new" / "run")  # created later, under a writable directory
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"file is a file, not a directory$"):
+        check_workdir(tmp_path / "file")
+    with pytest.raises(ConfigError, match=r"file/run: .*file is a file, not a directory$"):
+        check_workdir(tmp_path / "file" / "run")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if os.access(read_only, os.W_OK):  # root writes anyway: make access() answer as for anyone else
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == read_only
+                            else real_access(path, mode))
+    with pytest.raises(ConfigError, match=r"read-only is not writable$"):
+        check_workdir(read_only)
+    with pytest.raises(ConfigError, match=r"read-only/run is not writable \(.*, where it would be created\)"):
+        check_workdir(read_only / "run")
+
+
+@pytest.mark.parametrize("task", ["pretrain", "finetune"])
+def test_a_batch_larger_than_the_dataset_stops_before_compiling(task, tmp_path, sample_beton, monkeypatch):
+    from configs import mae_demo
+    from dailymae_jax.train import classify, finetune, pretrain
+    from dailymae_jax.train import compile as compile_lib
+
+    def no_compiling(*args, **kwargs):
+        raise AssertionError("compiled before the batch was checked")
+
+    monkeypatch.setattr(compile_lib, "compile_buckets", no_compiling)
+    config = (mae_demo if task == "pretrain" else finetune_demo).get_config()
+    with config.unlocked():
+        config.data.train_path = str(sample_beton)
+        config.data.global_batch_size = 1024
+        if task == "finetune":
+            config.data.val_path = str(sample_beton)
+            config.init.source = "scratch"
+    with pytest.raises(ConfigError, match=r"^data.global_batch_size 1024 is larger than the \d+ images of .*"
+                                          r"train.beton; allowed: at most \d+$"):
+        if task == "pretrain":
+            pretrain.Pretraining(config, tmp_path / "run")
+        else:
+            classify.run(config, tmp_path / "run", finetune.build_parts)
+    assert not (tmp_path / "run" / "checkpoints").exists()

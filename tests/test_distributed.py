@@ -1,15 +1,20 @@
 """Multi-process runs on jax.distributed: who the processes are, the launcher's pieces, and each process's
 share of the data. The runs on real processes live in tests/e2e/test_distributed_runs.py."""
 
+import socket
+import subprocess
+import sys
+import threading
 import time
+from pathlib import Path
 
 import ml_collections
 import numpy as np
 import pytest
 
 from configs import mae_b16
-from conftest import main_command, run_command
-from dailymae_jax import distributed
+from conftest import REPO, cpu_env, main_command, run_command
+from dailymae_jax import distributed, rendezvous
 from dailymae_jax.config import ConfigError
 from tools import launch_local
 
@@ -100,6 +105,103 @@ def test_bad_distributed_config_is_a_one_line_config_error(tmp_path, sample_beto
     assert result.returncode == 2, result.stderr[-3000:]
     assert result.stderr.strip().splitlines()[-1] == ("config error: distributed.process_id 5 must lie in [0, 2) for "
                                                       "distributed.num_processes 2")
+
+
+JOIN_ALONE = """
+import sys
+from configs import mae_b16
+from dailymae_jax import distributed, main
+config = mae_b16.get_config()
+config.distributed.initialization_timeout = 3
+config.distributed.heartbeat_timeout = 3
+try:
+    distributed.initialize(distributed.Processes(2, int(sys.argv[1]), sys.argv[2], "config"), config)
+except distributed.DistributedError as error:  # what dailymae_jax.main does with it
+    main._fail(f"error: {error}", 1, hard=True)
+print("joined")
+"""
+
+
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses (hex, as /proc/net/tcp* writes them; IPv4 for IPv4-mapped ones) of sockets listening
+    on ``port``."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            host, local_port = local.rsplit(":", 1)
+            if state == "0A" and int(local_port, 16) == port:
+                found.add(host.removeprefix("0000000000000000FFFF0000"))  # an IPv4-mapped IPv6 address
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads the listening sockets from /proc/net")
+def test_a_peer_that_never_joins_ends_each_process_with_one_line_and_exit_1():
+    """Process 0 alone (its peer never starts) and process 1 alone (no coordinator): each exits 1 with one
+    line, not SIGABRT; process 0 listens on the loopback address it was given, nowhere else."""
+    ports = [launch_local.free_port(), launch_local.free_port()]
+    children = [subprocess.Popen([sys.executable, "-c", JOIN_ALONE, str(pid), f"127.0.0.1:{port}"], cwd=REPO,
+                                 env=cpu_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for pid, port in zip((0, 1), ports)]
+    listening = set()
+    while children[0].poll() is None:
+        listening |= listening_addresses(ports[0])
+        time.sleep(0.05)
+    assert listening == {"0100007F"}, listening  # 127.0.0.1 only, not 0.0.0.0 or [::]
+    for pid, child in enumerate(children):
+        out, err = child.communicate(timeout=60)
+        assert child.returncode == 1 and "joined" not in out, (child.returncode, err[-2000:])
+        last = err.strip().splitlines()[-1]
+        assert last.startswith(f"error: process {pid} of 2 could not join the run at 127.0.0.1:{ports[pid]} "
+                               "within distributed.initialization_timeout=3 s"), err[-2000:]
+        assert last.endswith("each with its own process id"), last
+        assert ("(process 1 of 2 did not arrive within 3 s)" if pid == 0 else
+                f"(no answer from process 0 at 127.0.0.1:{ports[1]} within 3 s)") in last, last
+
+
+def meet_in_threads(num_processes: int, present: list[int], timeout: float) -> dict[int, str]:
+    """Runs rendezvous.meet for the ``present`` process ids in threads; returns each one's outcome."""
+    port, outcome = launch_local.free_port(), {}
+
+    def attend(pid):
+        try:
+            rendezvous.meet("127.0.0.1", port, "127.0.0.1", pid, num_processes, timeout)
+            outcome[pid] = "met"
+        except rendezvous.RendezvousError as error:
+            outcome[pid] = str(error)
+
+    threads = [threading.Thread(target=attend, args=(pid,)) for pid in present]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout + 10)
+    return outcome
+
+
+def test_processes_meet_whatever_order_they_arrive_in():
+    assert meet_in_threads(4, [3, 1, 0, 2], timeout=20) == {0: "met", 1: "met", 2: "met", 3: "met"}
+
+
+def test_a_process_that_never_arrives_is_named_and_the_others_stop():
+    outcome = meet_in_threads(4, [0, 1, 3], timeout=1.0)
+    assert outcome[0] == "process 2 of 4 did not arrive within 1 s"
+    assert outcome[1] == outcome[3] and outcome[1].startswith("process 0 at 127.0.0.1:") and \
+        outcome[1].endswith("gave up waiting for the others within 1 s")
+
+
+def test_a_taken_port_is_one_line():
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(rendezvous.RendezvousError, match=f"^cannot listen on 127.0.0.1:{port} \\(.*in use"):
+            rendezvous.meet("127.0.0.1", port, "127.0.0.1", 0, 2, timeout=1.0)
+
+
+@pytest.mark.parametrize("address, bound", [
+    ("127.0.0.1:5000", "127.0.0.1:5000"), ("10.0.0.7:5000", "10.0.0.7:5000"), ("[::1]:5000", "[::1]:5000"),
+    ("localhost:5000", "localhost:5000"), ("no-such-host.invalid:5000", "[::]:5000"),
+])
+def test_the_coordinator_binds_to_the_address_it_is_given(address, bound):
+    assert distributed.bind_address(address) == bound
 
 
 # --- The launcher's pieces -------------------------------------------------------------------------------

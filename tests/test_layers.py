@@ -38,7 +38,7 @@ LAYERS = (
     ("data and on-device augmentation", ("data", "augment")),
     ("model", ("model",)),
     ("config", ("config",)),
-    ("processes", ("distributed",)),
+    ("processes", ("distributed", "rendezvous")),
     ("outputs", ("checkpoint", "export", "pretrained", "report", "visualize")),
     ("train", ("train",)),
     ("entry point", ("main",)),

@@ -20,8 +20,8 @@ def test_help_lists_the_flags_and_every_recipe():
 # --- Configuration: one line, exit code 2, before anything is written or compiled -------------------------
 
 # One case per path an error takes to the command line: config.validate before JAX starts, the check against
-# the mesh once it exists, absl's flag parsing, the data file. Every value check of validate is tested in
-# process (tests/test_config.py, tests/test_schedule.py).
+# the mesh once it exists, absl's flag parsing, the data file, the config file itself. Every value check of
+# validate and the workdir check are tested in process (tests/test_config.py, tests/test_schedule.py).
 @pytest.mark.parametrize("args, devices, expected", [
     (["--config.schedule.resolution=100"], 1, "patch size 16"),
     pytest.param(["--config.data.global_batch_size=12"], 8,
@@ -29,9 +29,17 @@ def test_help_lists_the_flags_and_every_recipe():
                  marks=pytest.mark.slow),  # checked once the mesh exists: the child loads the task's modules
     (["--config.train.epoch=3"], 1, "train has no field 'epoch'; did you mean train.epochs?"),
     (["--config.data.train_path=/no/such/train.beton"], 1, "data.train_path: no such file"),
-], ids=["resolution", "batch-vs-devices", "unknown-key", "missing-data"])
+    # Checked as the flags are parsed, before JAX is imported: each of these costs a fraction of a second.
+    (["--config=/no/such/recipe.py"], 1, "--config: no such file /no/such/recipe.py"),
+    (["--config={tmp}/syntax.py"], 1, "syntax.py: invalid syntax (line 1)"),
+    (["--config={tmp}/raises.py"], 1, "raises.py: RuntimeError: no recipe here"),
+], ids=["resolution", "batch-vs-devices", "unknown-key", "missing-data", "missing-config", "config-syntax",
+        "config-raises"])
 def test_bad_config_gives_one_line_and_exit_code_2(tmp_path, sample_beton, args, devices, expected):
     workdir = tmp_path / "run"
+    (tmp_path / "syntax.py").write_text("def get_config(:\n")
+    (tmp_path / "raises.py").write_text("def get_config():\n    raise RuntimeError('no recipe here')\n")
+    args = [arg.format(tmp=tmp_path) for arg in args]
     # Two short epochs, so that a check that fails to fire costs seconds, not minutes.
     base = ["--config.train.epochs=2", "--config.data.global_batch_size=16"] if devices == 1 else []
     base += [f"--config.data.train_path={sample_beton}"] if "train_path" not in args[0] else []

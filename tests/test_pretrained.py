@@ -277,3 +277,88 @@ def test_init_from_an_exported_pytorch_file_loads_the_encoder(pretrain_workdir, 
     config.init.path = str(tmp_path / "missing.pth")
     with pytest.raises(pretrained_lib.PretrainedError, match="^init.path: no such file"):
         pretrained_lib.init_from_pretrained(config, classifier_params)
+
+
+# ------------------------------------------------------------------------------------------------
+# Files that must not load: every error one line naming the file and the reason.
+# ------------------------------------------------------------------------------------------------
+
+class NotATensor:
+    """A pickled object of a type a weights-only load refuses to build."""
+
+
+def _hostile_state(kind):
+    good = {"cls_token": torch.zeros(1, 1, 4), "norm.weight": torch.ones(4)}
+    if kind == "nan":
+        return {**good, "norm.bias": torch.tensor([0.0, float("nan"), 0.0, 0.0])}
+    if kind == "inf":
+        return {**good, "norm.bias": torch.tensor([0.0, float("-inf"), 0.0, 0.0])}
+    if kind == "bool":
+        return {**good, "norm.bias": torch.ones(4, dtype=torch.bool)}
+    if kind == "int":
+        return {**good, "norm.bias": torch.ones(4, dtype=torch.int64)}
+    if kind == "int-key":
+        return {**good, 7: torch.ones(4)}
+    return {**good, "norm.bias": NotATensor()}
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("nan", "'norm.bias' holds 1 non-finite value (NaN or infinity)"),
+    ("inf", "'norm.bias' holds 1 non-finite value (NaN or infinity)"),
+    ("bool", "'norm.bias' holds torch.bool values; weights must be floats"),
+    ("int", "'norm.bias' holds torch.int64 values; weights must be floats"),
+    ("int-key", "state dict key 7 (int) is not a parameter name"),
+    ("pickled-object", "cannot be read (it holds a pickled test_pretrained.NotATensor object"),
+])
+def test_hostile_pth_files_are_refused_naming_the_file_and_key(tmp_path, kind, reason):
+    path = tmp_path / "weights.pth"
+    torch.save({"model": _hostile_state(kind)}, path)
+    with pytest.raises(ValueError) as error:
+        export.load_state_dict(path)
+    message = str(error.value)
+    assert message.startswith(f"checkpoint file {path}") and reason in message, message
+    assert "\n" not in message and "weights_only=False" not in message
+
+
+@pytest.mark.parametrize("kind, reason", [
+    ("nan", "'norm.bias' holds 1 non-finite value"),
+    ("inf", "'norm.bias' holds 1 non-finite value"),
+    ("bool", "'norm.bias' holds bool values; weights must be floats"),
+    ("int", "'norm.bias' holds int64 values; weights must be floats"),
+])
+def test_hostile_safetensors_files_are_refused_naming_the_key(tmp_path, kind, reason):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "weights.safetensors"
+    save_file(_hostile_state(kind), str(path))
+    with pytest.raises(ValueError, match=f"^checkpoint file {path}: .*{reason}"):
+        export.load_state_dict(path)
+
+
+@pytest.mark.parametrize("suffix, content", [
+    (".pth", b"not a zip archive, not a pickle"),
+    (".pth", None),  # a real file cut in half
+    (".safetensors", b"\xff" * 64),
+    (".safetensors", None),
+])
+def test_unreadable_files_are_one_line_naming_the_file(tmp_path, suffix, content):
+    path = tmp_path / f"weights{suffix}"
+    if content is None:
+        export.save_state_dict({"norm.weight": np.ones(1000, np.float32)}, path, fmt="timm")
+        content = path.read_bytes()[:len(path.read_bytes()) // 2]
+    path.write_bytes(content)
+    with pytest.raises(ValueError) as error:
+        export.load_state_dict(path)
+    message = str(error.value)
+    assert message.startswith(f"checkpoint file {path}: cannot be read (") and "\n" not in message, message
+    assert "weights_only=False" not in message
+
+
+@pytest.mark.parametrize("bad", [np.float32("nan"), np.float32("inf")])
+def test_an_export_with_non_finite_weights_writes_nothing(tmp_path, bad):
+    state = {"norm.weight": np.ones(4, np.float32), "norm.bias": np.array([0, bad, 0, 0], np.float32)}
+    with pytest.raises(ValueError, match=r"^state dict entry 'norm.bias' holds 1 non-finite value"):
+        export.save_state_dict(state, tmp_path / "timm.safetensors", fmt="timm")
+    with pytest.raises(ValueError, match=r"^export entry 'norm.bias': needs a name and a float tensor"):
+        export.save_state_dict({"norm.bias": np.ones(4, np.int32)}, tmp_path / "timm.pth", fmt="timm")
+    assert list(tmp_path.iterdir()) == []

@@ -26,6 +26,7 @@ if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dailymae_jax import export  # noqa: E402
+from dailymae_jax.checkpoint import CheckpointDamagedError  # noqa: E402
 from dailymae_jax.pretrained import load_run  # noqa: E402
 
 SUFFIXES = (".pth", ".safetensors")
@@ -57,12 +58,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--sample-out {args.sample_out}: the name must end in .npz")
     if not args.workdir.is_dir():
         parser.error(f"--workdir {args.workdir} does not exist")
+    _check_values(parser, args)
 
     try:
+        # Everything that depends on the run is checked before anything is written.
         run = load_run(args.workdir, args.step)
         resolution = args.resolution or run.resolution
         if resolution % run.model.patch:
             raise ValueError(f"--resolution {resolution} is not a multiple of the patch size {run.model.patch}")
+        mask_ratio = run.config["schedule"]["mask_ratio"] if args.mask_ratio is None else args.mask_ratio
+        if args.sample_out is not None and not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"the run's schedule.mask_ratio {mask_ratio}; give --mask-ratio in (0, 1)")
         grid = (resolution // run.model.patch,) * 2
         state = export.to_state_dict(run.params, fmt=args.format, width=run.model.width,
                                      decoder_width=run.model.decoder_width, grid=grid)
@@ -70,9 +76,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"exported step {run.step} of {args.workdir} ({args.format}, {resolution} px, {len(state)} tensors): "
               f"{path}")
         if args.sample_out is not None:
-            mask_ratio = run.config["schedule"]["mask_ratio"] if args.mask_ratio is None else args.mask_ratio
-            if not 0.0 < mask_ratio < 1.0:
-                raise ValueError(f"--mask-ratio {mask_ratio}; allowed: 0 < ratio < 1")
             images = export.reference_images(args.sample_size, resolution)
             batch = export.reference_batch(run.params, run.model, images, mask_ratio=float(mask_ratio),
                                            seed=args.seed)
@@ -82,7 +85,33 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ValueError) as error:
         print(f"export_torch.py: error: {error}", file=sys.stderr)
         return 2
+    except CheckpointDamagedError as error:
+        print(f"export_torch.py: error: {error}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _check_values(parser: _Parser, args: argparse.Namespace) -> None:
+    """The arguments' own ranges (one line, exit 2), before the checkpoint is read or anything written."""
+    if args.resolution is not None and args.resolution <= 0:
+        parser.error(f"--resolution {args.resolution}: must be a positive multiple of the patch size")
+    if args.step is not None and args.step < 0:
+        parser.error(f"--step {args.step}: must be ≥ 0")
+    if args.mask_ratio is not None and not 0.0 < args.mask_ratio < 1.0:
+        parser.error(f"--mask-ratio {args.mask_ratio}: allowed: 0 < ratio < 1")
+    if args.sample_out is None and (args.mask_ratio is not None or args.sample_size != 8):
+        parser.error("--mask-ratio and --sample-size describe the reference batch: give --sample-out too")
+    if args.sample_out is not None:
+        from dailymae_jax.data.sample import source_photograph_paths
+
+        photos = len(source_photograph_paths())
+        if not 1 <= args.sample_size <= photos:
+            parser.error(f"--sample-size {args.sample_size}: allowed: 1 to {photos} (one per sample photograph)")
+    for flag, path in (("--out", args.out), ("--sample-out", args.sample_out)):
+        if path is not None and path.is_dir():
+            parser.error(f"{flag} {path} is a directory")
+    if args.sample_out is not None and args.sample_out.resolve() == args.out.resolve():
+        parser.error("--sample-out must differ from --out")
 
 
 if __name__ == "__main__":

@@ -13,10 +13,13 @@ import io
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from dailymae_jax import files
 
 # Bump when the generation procedure changes, so stale datasets on disk are rebuilt.
 FORMAT_VERSION = 1
@@ -162,9 +165,11 @@ def make_sample_dataset(out_dir: str | Path, num_images: int = 600, seed: int = 
     for name in names:
         per_split["train"][name], per_split["val"][name] = _split_sizes(per_class_total[name], val_fraction)
 
-    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
+    # Created exclusively under an unpredictable name: no existing directory or link can stand in for it.
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
+        tmp_dir.chmod(0o777 & ~files.umask())
         for split in per_split:
             for name in names:
                 (tmp_dir / split / name).mkdir(parents=True)
@@ -192,7 +197,6 @@ def make_sample_dataset(out_dir: str | Path, num_images: int = 600, seed: int = 
         if out_dir.exists():
             # Either an empty folder or our own dataset built with other parameters.
             shutil.rmtree(out_dir)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
         os.replace(tmp_dir, out_dir)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)

@@ -87,6 +87,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, build_parts: Bui
         raise config_lib.ConfigError(f"data.val_path: labels reach {val_info.num_classes - 1}, but the model has "
                                      f"{num_classes} classes (model.num_classes or the training labels)")
     batch = config.data.global_batch_size
+    config_lib.check_batch_fits(batch, train_info.num_samples, train_beton)
     order = EpochOrder(train_info.num_samples, batch, config.seed, jax.process_index(), jax.process_count())
     epochs, steps_per_epoch = config.train.epochs, order.steps_per_epoch
     parts = build_parts(config, RunShape(num_classes=num_classes, steps_per_epoch=steps_per_epoch,

@@ -72,6 +72,7 @@ class Pretraining:
         beton = train_beton(config)
         data = dataset_info(beton)
         self.batch_size = config.data.global_batch_size
+        config_lib.check_batch_fits(self.batch_size, data.num_samples, beton)
         self.order = EpochOrder(data.num_samples, self.batch_size, config.seed, jax.process_index(),
                                 jax.process_count())
         self.epochs, self.steps_per_epoch = config.train.epochs, self.order.steps_per_epoch

@@ -4,6 +4,7 @@ reloaded JAX model reproduce; the workdir as an import source; one-line errors w
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -166,14 +167,36 @@ def test_workdir_is_an_import_source(saved_run):
     (["--workdir", "{run}", "--format", "timm", "--out", "{tmp}/x.pth", "--resolution", "70"],
      "--resolution 70 is not a multiple of the patch size 16"),
     (["--format", "timm", "--out", "{tmp}/x.pth"], "the following arguments are required: --workdir"),
+    (["--workdir", "{run}", "--format", "timm", "--out", "{tmp}/x.pth", "--resolution", "-16"],
+     "--resolution -16: must be a positive multiple of the patch size"),
+    (["--workdir", "{run}", "--format", "mae", "--out", "{tmp}/x.pth", "--sample-out", "{tmp}/r.npz",
+      "--mask-ratio", "1.5"], "--mask-ratio 1.5: allowed: 0 < ratio < 1"),
+    (["--workdir", "{run}", "--format", "mae", "--out", "{tmp}/x.pth", "--mask-ratio", "0.5"],
+     "--mask-ratio and --sample-size describe the reference batch: give --sample-out too"),
+    (["--workdir", "{run}", "--format", "mae", "--out", "{tmp}/x.pth", "--sample-out", "{tmp}/r.npz",
+      "--sample-size", "0"], "--sample-size 0: allowed: 1 to"),
+    (["--workdir", "{run}", "--format", "mae", "--out", "{tmp}/x.pth", "--step", "-1"], "--step -1: must be ≥ 0"),
+    (["--workdir", "{run}", "--format", "mae", "--out", "{tmp}/dir.pth"], "--out {tmp}/dir.pth is a directory"),
 ])
 def test_cli_errors_are_one_line_with_exit_code_2(saved_run, tmp_path, capsys, args, message):
     run = saved_run[0].resolve()
     fill = lambda s: s.format(tmp=tmp_path, run=run)
+    (tmp_path / "dir.pth").mkdir()
     assert cli(*map(fill, args)) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and err.startswith("export_torch.py: error: ")
     assert fill(message) in err
+    assert not (tmp_path / "x.pth").exists() and not (tmp_path / "r.npz").exists()
+
+
+def test_cli_with_no_intact_checkpoint_is_one_line_and_exit_1(saved_run, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    shutil.copytree(saved_run[0], workdir)
+    for step in (3, 5):
+        (workdir / "checkpoints" / str(step) / "state" / "_METADATA").write_text("{}")
+    assert cli("--workdir", workdir, "--format", "mae", "--out", tmp_path / "x.pth") == 1
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("export_torch.py: error: no intact checkpoint")
     assert not (tmp_path / "x.pth").exists()
 
 
