@@ -169,28 +169,6 @@ def drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
     return x * (jax.random.bernoulli(rng, keep, shape) / keep).astype(x.dtype)
 
 
-@jax.custom_vjp
-def store_gradient(x: jax.Array) -> jax.Array:
-    """The identity, whose gradient is computed once and stored before it flows on.
-
-    The residual stream's gradient is a chain of additions across all blocks; left to itself, XLA fuses that
-    chain into every consumer of it (each weight gradient of each block), recomputing it there: work that
-    grows with the square of the depth. Put at a block's input, the barrier ends the chain there.
-    """
-    return x
-
-
-def _store_gradient_fwd(x: jax.Array) -> tuple[jax.Array, None]:
-    return x, None
-
-
-def _store_gradient_bwd(_: None, g: jax.Array) -> tuple[jax.Array]:
-    return (jax.lax.optimization_barrier(g),)
-
-
-store_gradient.defvjp(_store_gradient_fwd, _store_gradient_bwd)
-
-
 class Block(nn.Module):
     """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
 
@@ -212,7 +190,6 @@ class Block(nn.Module):
 
         attn = Attention(self.width, self.heads, name="attn", **kw)
         mlp = Mlp(int(self.width * self.mlp_ratio), name="mlp", **kw)
-        x = store_gradient(x)
         x = x + residual(attn(layer_norm("norm1", **kw)(x)))
         x = x + residual(mlp(layer_norm("norm2", **kw)(x)))
         return x

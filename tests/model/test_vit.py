@@ -89,19 +89,6 @@ def test_attention_core_matches_einsum():
     np.testing.assert_allclose(attention_core(q, k, v), ref, atol=1e-5)
 
 
-def test_store_gradient_is_the_identity_behind_a_barrier():
-    """Forward and backward it changes nothing; its gradient passes through an optimization barrier, which keeps
-    XLA from fusing (and so recomputing) the residual stream's gradient into every consumer."""
-    from dailymae_jax.model.vit import store_gradient
-
-    x = jnp.arange(6.0).reshape(2, 3)
-    np.testing.assert_array_equal(store_gradient(x), x)
-    grad = jax.grad(lambda t: (store_gradient(t) ** 2).sum())
-    np.testing.assert_array_equal(grad(x), 2 * x)
-    assert "optimization_barrier" in str(jax.make_jaxpr(grad)(x))
-    assert "optimization_barrier" not in str(jax.make_jaxpr(lambda t: (t ** 2).sum())(x))
-
-
 def _layer_norm_ref(x, scale, bias, eps=1e-6):
     mu = x.mean(-1, keepdims=True)
     var = ((x - mu) ** 2).mean(-1, keepdims=True)
