@@ -142,6 +142,7 @@ def test_training_steps_lower_the_loss(photo_batch):
     assert all(p.grad is None for p in model.parameters())  # zeroed after every step
 
 
+@pytest.mark.slow  # a compiled forward and backward on each side: about 40 s on the loaded 2-core machine
 def test_our_loss_and_gradients_equal_the_reference():
     """Our MAE (every fast path of its forward and backward) against this independent reference: the same
     weights, images and noise give the same loss, predictions and gradient of every parameter. Random images:
