@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.decoder_heads = 16
     c.model.norm_pix_loss = True
     c.model.dtype = "bfloat16"  # compute dtype; master weights stay float32
+    c.model.attention = "auto"  # cuDNN fused attention on CUDA, XLA elsewhere; or "cudnn", "xla"
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 800
