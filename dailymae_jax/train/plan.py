@@ -61,8 +61,8 @@ def cuda_mesh(gpu: GpuModel, num_gpus: int) -> jax.sharding.Mesh:
         topology = topologies.get_topology_desc(platform="cuda", target_config=target_config(gpu),
                                                 topology=f"1x{num_gpus // per_node}x{per_node}")
     except Exception as error:  # no CUDA plugin: jax names no backend "cuda"
-        raise PlanError(f"cannot compile for CUDA here ({str(error).splitlines()[0][:160]}); install the CUDA "
-                        f"plugin: pip install jax-cuda13-plugin=={jax.__version__}") from None
+        raise PlanError(f"cannot compile for CUDA here ({str(error).splitlines()[0][:160]}); install JAX's CUDA "
+                        f"plugin: pip install 'jax-cuda13-plugin[with-cuda]=={jax.__version__}'") from None
     return make_mesh(list(topology.devices))
 
 

@@ -27,6 +27,7 @@ def demo_plan(tmp_path_factory):
         env.setenv("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
         code = plan_gpu.main(["--config", "configs/mae_demo.py", "--gpu", "h100", "--num-gpus", "8", "--json",
                               str(out), *DEMO_ONE_BUCKET])
+    assert out.exists(), "planning failed (its stderr says why); the test extra installs JAX's CUDA plugin"
     return code, json.loads(out.read_text())
 
 
