@@ -31,6 +31,7 @@ def demo_plan(tmp_path_factory):
     return code, json.loads(out.read_text())
 
 
+@pytest.mark.slow  # one CUDA compilation of the demo step: about 25 CPU-seconds
 def test_demo_step_compiles_for_8_gpus_with_fused_attention(demo_plan):
     code, report = demo_plan
     assert code == 0
