@@ -51,6 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.global_pool = True  # mean of patch tokens → fc_norm → head (MAE finetuning)
     c.model.drop_path = 0.1
     c.model.dtype = "bfloat16"
+    c.model.attention = "auto"  # cuDNN fused attention on CUDA, XLA elsewhere; or "cudnn", "xla"
 
     # Where the encoder comes from (see dailymae_jax/pretrained.py): "pretrain" (our workdir), "file"
     # (an official MAE / timm PyTorch checkpoint) or "scratch".

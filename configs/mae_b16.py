@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.decoder_heads = 16
     c.model.norm_pix_loss = True
     c.model.dtype = "bfloat16"  # compute dtype; master weights stay float32
+    c.model.attention = "auto"  # cuDNN fused attention on CUDA, XLA elsewhere; or "cudnn", "xla"
 
     c.train = ml_collections.ConfigDict()
     c.train.epochs = 800
@@ -54,7 +55,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.weight_decay = 0.05
     c.train.b1 = 0.9
     c.train.b2 = 0.95
-    c.train.grad_accum_steps = 1
+    c.train.grad_accum_steps = 0  # 0: the smallest accumulation that fits each bucket in GPU memory (docs/GPU.md)
     c.train.log_every_steps = 50
     c.train.compilation_cache_dir = ""  # JAX persistent compilation cache; empty = off
 

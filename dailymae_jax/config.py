@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import ml_collections
 
 from dailymae_jax.errors import ConfigError
-from dailymae_jax.model.build import MODEL_DTYPES, model_size
+from dailymae_jax.model.build import MODEL_DTYPES, attention_implementation, model_size
 from dailymae_jax.schedule import Stage, preset_stages, validate_stages
 
 TASKS = ("pretrain", "finetune", "linprobe")
@@ -91,6 +91,13 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
     if config.data.train_path and not Path(config.data.train_path).is_file():
         raise ConfigError(f"data.train_path: no such file {config.data.train_path!r}; give a .beton file "
                           "(tools/write_dataset.py makes one)")
+    validate_training(config, device_count=device_count, process_count=process_count)
+
+
+def validate_training(config: ml_collections.ConfigDict, *, device_count: int | None = None,
+                      process_count: int = 1) -> None:
+    """What a pretraining config trains, without its data: batch and accumulation against the devices, epochs,
+    model choices, probe and schedule. ``tools/plan_gpu.py`` checks this much for devices it does not have."""
     batch = config.data.global_batch_size
     device_count = device_count or 1
     if batch <= 0 or batch % device_count:
@@ -98,12 +105,13 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
                           f"allowed: positive multiples of {device_count}")
     _check_process_share(batch, process_count)
     accum = config.train.grad_accum_steps
-    if accum < 1 or (batch // device_count) % accum:
-        raise ConfigError(f"train.grad_accum_steps {accum} must be ≥ 1 and divide the per-device batch "
-                          f"{batch // device_count}")
+    if accum < 0 or (accum and (batch // device_count) % accum):
+        raise ConfigError(f"train.grad_accum_steps {accum} must divide the per-device batch {batch // device_count}"
+                          " (0: the smallest that fits the GPU's memory)")
     if config.train.epochs < 1:
         raise ConfigError(f"train.epochs {config.train.epochs} must be ≥ 1")
     _check_choice("model.dtype", config.model.dtype, MODEL_DTYPES)
+    attention_implementation(config, platform="any")  # the choice, and cuDNN's dtype (needs no backend)
     _check_choice("probe.features", config.probe.features, PROBE_FEATURES)
     _check_every_task(config)
     stages(config)  # validates the schedule
@@ -228,6 +236,7 @@ def validate_classifier(config: ml_collections.ConfigDict, *, device_count: int 
         raise ConfigError(f"train.epochs {train.epochs} must be ≥ 1")
     _check_range("train.warmup_epochs", train.warmup_epochs, 0, train.epochs)
     _check_choice("model.dtype", config.model.dtype, MODEL_DTYPES)
+    attention_implementation(config, platform="any")
     num_classes = config.model.get("num_classes")
     if num_classes is not None and num_classes < 2:
         raise ConfigError(f"model.num_classes {num_classes} must be ≥ 2 (or unset: taken from the data)")

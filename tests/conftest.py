@@ -9,6 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# The suite runs on the CPU. Where JAX's CUDA plugin is installed (the test extra installs it, for
+# tests/tools/test_plan_gpu.py) but there is no GPU, this also keeps the plugin from probing for one, which
+# fails with a traceback on stderr; with the CPU named, the plugin only registers its compiler.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 
 @pytest.fixture(scope="session")
 def photo_batch() -> np.ndarray:

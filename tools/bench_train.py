@@ -109,9 +109,9 @@ def validate(args: argparse.Namespace, config) -> None:
         if getattr(args, name) < low:
             raise BenchError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be ≥ {low}")
     compute_dtype(config.model.dtype)
-    if args.batch_size % config.train.grad_accum_steps:
-        raise BenchError(f"train.grad_accum_steps {config.train.grad_accum_steps} does not divide --batch-size "
-                         f"{args.batch_size}")
+    accum = config.train.grad_accum_steps or 1  # 0 (the smallest that fits) is the run's choice; 1 here
+    if accum < 0 or args.batch_size % accum:
+        raise BenchError(f"train.grad_accum_steps {accum} does not divide --batch-size {args.batch_size}")
 
 
 def log(message: str) -> None:

@@ -11,6 +11,9 @@
 #    The test extra needs torchvision (timm imports it) and a torch it imports beside: torch 2.14.1 with
 #    torchvision 0.29.1 (a larger install).
 # 3. The package itself, editable, with the requested extras.
+# 4. For the test extra: JAX's CUDA 13 plugin, at the installed jaxlib's version (the two must match, which
+#    pyproject cannot say), with its compiler tools (ptxas, libdevice); the tests compile a step for NVIDIA
+#    GPUs without having one. Its CUDA libraries are the CUDA 13 ones torch already brought.
 set -euo pipefail
 venv=${1:-.venv}
 extras=${2:-sample}
@@ -44,3 +47,13 @@ if ! "$venv/bin/python" -c "$torch_check" 2>/dev/null; then
 fi
 echo "setup: installing dailymae_jax[$extras]"
 "${pip[@]}" install -e ".[$extras]"
+case ",$extras," in
+  *,test,*)
+    plugin_check='import importlib.metadata as m, jaxlib, sys
+sys.exit(m.version("jax-cuda13-plugin") != jaxlib.__version__ or not all(m.version(d) for d in ("nvidia-cuda-nvcc", "nvidia-nvvm")))'
+    if ! "$venv/bin/python" -c "$plugin_check" 2>/dev/null; then
+      jaxlib_version=$("$venv/bin/python" -c "import jaxlib; print(jaxlib.__version__)")
+      echo "setup: installing jax-cuda13-plugin[with-cuda]==$jaxlib_version"
+      "${pip[@]}" install "jax-cuda13-plugin[with-cuda]==$jaxlib_version"
+    fi ;;
+esac

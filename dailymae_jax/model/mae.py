@@ -144,19 +144,22 @@ class MaskedAutoencoder(nn.Module):
     norm_pix_loss: bool = True
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "xla"  # vit.ATTENTION_IMPLEMENTATIONS, for encoder and decoder blocks alike
 
     def setup(self) -> None:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         # Encoder: names match VisionTransformer exactly.
         self.patch_embed = PatchEmbed(self.width, self.patch, **kw)
         self.cls_token = self.param("cls_token", token_init, (1, 1, self.width), self.param_dtype)
-        self.blocks = [Block(self.width, self.heads, self.mlp_ratio, **kw) for _ in range(self.depth)]
+        self.blocks = [Block(self.width, self.heads, self.mlp_ratio, attention=self.attention, **kw)
+                       for _ in range(self.depth)]
         self.norm = layer_norm("norm", **kw)
         # Decoder.
         self.decoder_embed = nn.Dense(self.decoder_width, kernel_init=dense_init, bias_init=zeros, **kw)
         self.mask_token = self.param("mask_token", token_init, (1, 1, self.decoder_width),
                                      self.param_dtype)
-        self.decoder_blocks = [Block(self.decoder_width, self.decoder_heads, self.mlp_ratio, **kw)
+        self.decoder_blocks = [Block(self.decoder_width, self.decoder_heads, self.mlp_ratio, attention=self.attention,
+                                     **kw)
                                for _ in range(self.decoder_depth)]
         self.decoder_norm = layer_norm("decoder_norm", **kw)
         self.decoder_pred = nn.Dense(self.patch * self.patch * 3, kernel_init=dense_init,

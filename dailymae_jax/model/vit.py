@@ -111,13 +111,37 @@ class PatchEmbed(nn.Module):
                        name="proj")(images)
 
 
-def attention_core(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+# model.attention after resolution (model/build.py turns "auto" into one of these).
+ATTENTION_IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str = "xla") -> jax.Array:
     """softmax(q k^T / sqrt(head_dim)) v on (B, N, heads, head_dim) inputs.
 
-    ``jax.nn.dot_product_attention`` takes its fast fused kernel (cuDNN flash attention) on GPU
-    when the dtype allows it, and an XLA softmax (computed in float32) elsewhere.
+    ``"xla"``: XLA's softmax attention (logits in float32), any backend. ``"cudnn"``: cuDNN's fused (flash)
+    attention, CUDA only, bfloat16/float16 only. cuDNN trains only on even sequence lengths, and ours are odd
+    (cls token + patches: 197 at 224 px), so that path goes through :func:`padded_attention`.
     """
-    return jax.nn.dot_product_attention(q, k, v)
+    if implementation == "xla":
+        return jax.nn.dot_product_attention(q, k, v, implementation="xla")
+    return padded_attention(q, k, v, implementation=implementation)
+
+
+def padded_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str,
+                     multiple: int = 2) -> jax.Array:
+    """Attention with the sequence zero-padded to a multiple of ``multiple``: the pad is hidden from every
+    query through the key lengths (and the pad's own rows through the query lengths), then cut off, so the
+    result and its gradients are those of the unpadded attention."""
+    length = q.shape[1]
+    padded = -(-length // multiple) * multiple
+    if padded == length:
+        return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    widths = ((0, 0), (0, padded - length), (0, 0), (0, 0))
+    lengths = jnp.full((q.shape[0],), length, jnp.int32)
+    out = jax.nn.dot_product_attention(jnp.pad(q, widths), jnp.pad(k, widths), jnp.pad(v, widths),
+                                       query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                       implementation=implementation)
+    return out[:, :length]
 
 
 class Attention(nn.Module):
@@ -127,6 +151,7 @@ class Attention(nn.Module):
     heads: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "xla"  # one of ATTENTION_IMPLEMENTATIONS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -135,7 +160,7 @@ class Attention(nn.Module):
         dense = lambda f, name: nn.Dense(f, kernel_init=dense_init, bias_init=zeros, dtype=self.dtype,
                                          param_dtype=self.param_dtype, name=name)
         qkv = dense(3 * d, "qkv")(x).reshape(b, n, 3, self.heads, head_dim)
-        out = attention_core(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])
+        out = attention_core(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.attention)
         return dense(d, "proj")(out.reshape(b, n, d))
 
 
@@ -178,6 +203,7 @@ class Block(nn.Module):
     drop_path: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
@@ -188,7 +214,7 @@ class Block(nn.Module):
                 return branch
             return drop_path(branch, self.drop_path, self.make_rng("dropout"))
 
-        attn = Attention(self.width, self.heads, name="attn", **kw)
+        attn = Attention(self.width, self.heads, name="attn", attention=self.attention, **kw)
         mlp = Mlp(int(self.width * self.mlp_ratio), name="mlp", **kw)
         x = x + residual(attn(layer_norm("norm1", **kw)(x)))
         x = x + residual(mlp(layer_norm("norm2", **kw)(x)))
@@ -233,12 +259,13 @@ class VisionTransformer(nn.Module):
     drop_path: float = 0.0
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    attention: str = "xla"
 
     def setup(self) -> None:
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.patch_embed = PatchEmbed(self.width, self.patch, **kw)
         self.cls_token = self.param("cls_token", token_init, (1, 1, self.width), self.param_dtype)
-        self.blocks = [Block(self.width, self.heads, self.mlp_ratio, dp, **kw)
+        self.blocks = [Block(self.width, self.heads, self.mlp_ratio, dp, attention=self.attention, **kw)
                        for dp in drop_path_rates(self.drop_path, self.depth)]
         pooled_head = self.num_classes > 0 and self.global_pool
         if pooled_head:

@@ -54,11 +54,13 @@ def enable_persistent_cache(cache_dir: str) -> None:
 
 def compile_buckets(make_step: Callable[[Any], Callable], buckets: Iterable[Any], *, abstract_state: Any,
                     state_shardings: Any, mesh: jax.sharding.Mesh, global_batch: int,
-                    resolution_of: Callable[[Any], int]) -> tuple[dict[Any, Any], dict[Any, float]]:
+                    resolution_of: Callable[[Any], int],
+                    compiler_options: dict[str, Any] | None = None) -> tuple[dict[Any, Any], dict[Any, float]]:
     """Lowers and compiles ``make_step(bucket)`` for each bucket; returns executables and seconds per bucket.
 
     The step signature is ``step(state, images_uint8, labels) -> (state, metrics)``; the state is donated,
-    images and labels are sharded over the batch axis, metrics are replicated.
+    images and labels are sharded over the batch axis, metrics are replicated. ``compiler_options`` are XLA
+    flags for these compilations only.
     """
     batch_sharding = NamedSharding(mesh, P(DATA_AXIS))
     replicated = NamedSharding(mesh, P())
@@ -71,7 +73,7 @@ def compile_buckets(make_step: Callable[[Any], Callable], buckets: Iterable[Any]
         start = time.perf_counter()
         jitted = jax.jit(make_step(bucket), in_shardings=(state_shardings, batch_sharding, batch_sharding),
                          out_shardings=(state_shardings, replicated), donate_argnums=0)
-        executables[bucket] = jitted.lower(abstract_state, images, labels).compile()
+        executables[bucket] = jitted.lower(abstract_state, images, labels).compile(compiler_options)
         seconds[bucket] = time.perf_counter() - start
     return executables, seconds
 

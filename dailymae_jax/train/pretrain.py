@@ -25,7 +25,7 @@ from dailymae_jax.checkpoint import Checkpointer
 from dailymae_jax.data.loader import CropSpec, EpochOrder, TrainLoader
 from dailymae_jax.data.prepare import dataset_info, sample_beton
 from dailymae_jax.data.shard import BatchSharding
-from dailymae_jax.train import compile as compile_lib
+from dailymae_jax.train import fit as fit_lib
 from dailymae_jax.train.loop import (TrainLoop, finished_summary, open_workplace, progress_for,
                                      starting_point)
 from dailymae_jax.train.recipe import pretrain_recipe
@@ -89,12 +89,7 @@ class Pretraining:
                              num_workers=config.data.num_workers,
                              crop=CropSpec(tuple(config.data.crop_scale), tuple(config.data.crop_ratio)))
         log.info("loader pipelines ready: %s", {r: f"{s:.1f}s" for r, s in loader.warmup_seconds.items()})
-        buckets = sorted({s.bucket for s in self.stages})
-        self.executables, self.compile_seconds = compile_lib.compile_buckets(
-            recipe.make_step, buckets, abstract_state=start.abstract_state, state_shardings=start.shardings,
-            mesh=self.mesh, global_batch=self.batch_size, resolution_of=lambda b: b[0])
-        log.info("compiled %d buckets ahead of time: %s", len(buckets),
-                 {f"{r}px/{m}": f"{s:.1f}s" for (r, m), s in self.compile_seconds.items()})
+        self._compile_steps(recipe, start)
 
         self.writer = report.MetricsWriter(self.workdir, enabled=self.is_main)
         self.loop = TrainLoop(
@@ -110,6 +105,28 @@ class Pretraining:
             (self.workdir / "parameters.txt").write_text(overview + "\n")
             log.info("parameters: %s in total (table in %s)", f"{parameter_count(self.state.params):,}",
                      self.workdir / "parameters.txt")
+
+    def _compile_steps(self, recipe: Any, start: Any) -> None:
+        """One compiled step per bucket, checked against the GPUs' memory pool before step 0 (train/fit.py):
+        a bucket that does not fit stops the run with one line saying which accumulation fits, and
+        ``train.grad_accum_steps: 0`` takes the smallest that fits each bucket."""
+        buckets = sorted({s.bucket for s in self.stages})
+        pool = fit_lib.device_pool_bytes(self.mesh)
+        fits = fit_lib.compile_fitting(recipe.make_step, buckets, configured_accum=self.config.train.grad_accum_steps,
+                                       global_batch=self.batch_size, mesh=self.mesh, pool_bytes=pool,
+                                       abstract_state=start.abstract_state, state_shardings=start.shardings)
+        fit_lib.require_fit(fits, pool_bytes=pool, device_kind=self.mesh.devices.flat[0].device_kind,
+                            per_device_batch=self.batch_size // int(self.mesh.devices.size),
+                            global_batch=self.batch_size)
+        self.executables = {f.bucket: f.executable for f in fits}
+        self.compile_seconds = {f.bucket: f.compile_seconds for f in fits}
+        self.grad_accum_steps = {f.bucket: f.grad_accum_steps for f in fits}
+        log.info("compiled %d buckets ahead of time: %s", len(buckets),
+                 {f"{r}px/{m}": f"{s:.1f}s" for (r, m), s in self.compile_seconds.items()})
+        if pool is not None:
+            log.info("per-device memory of each bucket's step against the %.1f GiB pool: %s", pool / fit_lib.GIB,
+                     {f"{r}px/{m}": f"{f.memory.peak / fit_lib.GIB:.1f} GiB, grad_accum_steps={f.grad_accum_steps}"
+                      for f in fits for (r, m) in [f.bucket] if f.memory is not None})
 
     # The loop owns the state, the position and the statistics; these read them through.
     state = property(lambda self: self.loop.state)
@@ -231,6 +248,7 @@ class Pretraining:
             "data_wait_share": stats.data_wait_share,
             "compilations_during_training": self.loop.counter.count,
             "compile_seconds_ahead_of_time": {f"{r}px_mask{m}": s for (r, m), s in self.compile_seconds.items()},
+            "grad_accum_steps": {f"{r}px_mask{m}": k for (r, m), k in self.grad_accum_steps.items()},
             "stages": [dataclasses.asdict(s) for s in self.stages],
             "stage_switches": stats.stage_switches,
             "device_count": int(self.mesh.devices.size),

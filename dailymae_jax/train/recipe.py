@@ -41,23 +41,27 @@ class PretrainRecipe:
         return functools.partial(init_state, model=self.model, probe=self.probe, tx=self.tx, probe_tx=self.probe_tx,
                                  resolution=bucket[0], mask_ratio=bucket[1])
 
-    def make_step(self, bucket: Bucket) -> Callable:
-        """The uncompiled pretraining step of ``bucket``: step(state, images_u8, labels) → (state, metrics)."""
+    def make_step(self, bucket: Bucket, grad_accum_steps: int | None = None) -> Callable:
+        """The uncompiled pretraining step of ``bucket``: step(state, images_u8, labels) → (state, metrics).
+
+        It accumulates gradients over ``grad_accum_steps`` micro-batches (default ``train.grad_accum_steps``;
+        that setting's 0, "the smallest that fits", is decided by train/fit.py and means 1 here)."""
         c = self.config
         return make_pretrain_step(self.model, self.probe, self.tx, self.probe_tx, self.lr_schedule,
                                   PretrainStepConfig(mask_ratio=bucket[1], patch=self.model.patch, hflip=c.data.hflip,
-                                                     grad_accum_steps=c.train.grad_accum_steps,
+                                                     grad_accum_steps=grad_accum_steps or c.train.grad_accum_steps or 1,
                                                      probe_on_full_image=c.probe.features == "full"))
 
 
-def pretrain_recipe(config: ml_collections.ConfigDict, *, num_classes: int, steps_per_epoch: int) -> PretrainRecipe:
+def pretrain_recipe(config: ml_collections.ConfigDict, *, num_classes: int, steps_per_epoch: int,
+                    platform: str | None = None) -> PretrainRecipe:
     """The recipe of ``config`` for a dataset of ``num_classes`` classes and ``steps_per_epoch`` steps per epoch
-    (the learning-rate schedule's unit)."""
+    (the learning-rate schedule's unit), compiled for ``platform`` (default: JAX's default backend)."""
     lr_schedule = run_learning_rate(config.train, global_batch=config.data.global_batch_size,
                                     steps_per_epoch=steps_per_epoch)
     return PretrainRecipe(
-        config=config, model=mae_from_config(config), probe=LinearProbe(num_classes=max(num_classes, 2)),
-        lr_schedule=lr_schedule,
+        config=config, model=mae_from_config(config, platform=platform),
+        probe=LinearProbe(num_classes=max(num_classes, 2)), lr_schedule=lr_schedule,
         tx=make_optimizer(learning_rate=lr_schedule, weight_decay=config.train.weight_decay, b1=config.train.b1,
                           b2=config.train.b2),
         probe_tx=make_probe_optimizer(config.probe.learning_rate))

@@ -1,5 +1,6 @@
 """ViT encoder: position table, attention, block numerics, init, sizes."""
 
+import functools
 import math
 
 import jax
@@ -17,6 +18,9 @@ from dailymae_jax.model import (
     sincos_pos_embed_2d,
     vit_from_size,
 )
+from dailymae_jax.errors import ConfigError
+from dailymae_jax.model.build import attention_implementation
+from dailymae_jax.model.vit import padded_attention
 
 
 # One small configuration shared by the tests: every new array shape costs an XLA compile of each
@@ -87,6 +91,38 @@ def test_attention_core_matches_einsum():
     logits = np.einsum("bqhd,bkhd->bhqk", q64, k64) / math.sqrt(shape[-1])
     ref = np.einsum("bhqk,bkhd->bqhd", _softmax(logits), v64)
     np.testing.assert_allclose(attention_core(q, k, v), ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("length", [5, 6])  # odd: padded to 6; even: no pad, the plain call
+def test_padded_attention_equals_unpadded(length):
+    """The cuDNN path's padding (odd lengths padded to even, the pad hidden by query and key lengths) gives
+    the unpadded attention and its gradients. Run with XLA's kernel: cuDNN's runs only on a GPU."""
+    keys = jax.random.split(jax.random.key(3), 4)
+    shape = (2, length, HEADS, 8)
+    q, k, v, cotangent = (jax.random.normal(key, shape) for key in keys)
+
+    def loss(attention, q, k, v):
+        return jnp.sum(attention(q, k, v) * cotangent)
+
+    plain = functools.partial(attention_core, implementation="xla")
+    padded = functools.partial(padded_attention, implementation="xla")
+    np.testing.assert_allclose(jax.jit(padded)(q, k, v), jax.jit(plain)(q, k, v), atol=1e-6)
+    grads = jax.jit(jax.grad(loss, argnums=(1, 2, 3)), static_argnums=0)  # one compile, not one per op
+    for got, want in zip(grads(padded, q, k, v), grads(plain, q, k, v)):
+        assert np.isfinite(got).all()
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_attention_choice_resolves_per_platform_and_dtype():
+    config = {"model": {"attention": "auto", "dtype": "bfloat16"}}
+    assert attention_implementation(config, platform="cuda") == "cudnn"
+    assert attention_implementation(config, platform="cpu") == "xla"
+    assert attention_implementation(config, platform="cuda", dtype=jnp.float32) == "xla"  # exports, pictures
+    assert attention_implementation({"model": {"dtype": "bfloat16"}}, platform="gpu") == "cudnn"  # older configs
+    with pytest.raises(ConfigError, match="model.attention 'cudnn' needs model.dtype bfloat16"):
+        attention_implementation({"model": {"attention": "cudnn", "dtype": "float32"}})
+    with pytest.raises(ConfigError, match="model.attention 'flash'; allowed: auto, cudnn, xla"):
+        attention_implementation({"model": {"attention": "flash", "dtype": "float32"}})
 
 
 def _layer_norm_ref(x, scale, bias, eps=1e-6):
