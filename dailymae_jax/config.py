@@ -91,6 +91,10 @@ def validate(config: ml_collections.ConfigDict, *, device_count: int | None = No
     if config.data.train_path and not Path(config.data.train_path).is_file():
         raise ConfigError(f"data.train_path: no such file {config.data.train_path!r}; give a .beton file "
                           "(tools/write_dataset.py makes one)")
+    pictures = config.report.num_reconstructions
+    if not isinstance(pictures, int) or pictures < 1:
+        raise ConfigError(f"report.num_reconstructions {pictures!r} must be an integer ≥ 1 (the pictures of each "
+                          "reconstruction grid)")
     validate_training(config, device_count=device_count, process_count=process_count)
 
 

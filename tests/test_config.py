@@ -126,6 +126,14 @@ def test_every_task_checks_the_crop_and_the_cadences(task, key, value, message, 
     assert_one_line_error(config, key, value, message)
 
 
+def test_pretraining_draws_at_least_one_reconstruction():
+    from configs import mae_demo
+
+    config = mae_demo.get_config()
+    config.data.sample_dir = config.data.sample_dir or "data/sample"
+    assert_one_line_error(config, "report.num_reconstructions", 0, "report.num_reconstructions 0 must be an integer ≥ 1")
+
+
 def test_workdir_must_be_a_writable_directory(tmp_path, monkeypatch):
     check_workdir(tmp_path / "new" / "run")  # created later, under a writable directory
     (tmp_path / "file").write_text("")
